@@ -1,0 +1,1 @@
+"""hcm: HCM-GRPO for screening AI-generated product images."""

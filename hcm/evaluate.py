@@ -1,0 +1,88 @@
+"""evaluate(cfg): score a model on a split and print/save the Table-3 layout.
+
+The model comes from `model.name_or_path` (a hub id, an exported stage's `model/` folder) or a
+Lightning checkpoint (`ckpt_path`). Results go to `<output_dir>/metrics.json` (what sweeps and
+the report collect) and `<output_dir>/table.md`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+from hydra.utils import instantiate
+from omegaconf import DictConfig, open_dict
+
+from hcm.config import validate
+from hcm.data.records import DIMENSIONS, atomic_write_text
+from hcm.modules.base import ScreeningModule
+from hcm.train import finish_loggers, make_loggers, resolve_precision
+
+log = logging.getLogger(__name__)
+
+COLUMNS = ("overall", *DIMENSIONS)
+HEADERS = (
+    "Overall Score",
+    "Appearance Deformation",
+    "Physical Shadow",
+    "Placement Layout",
+    "Extension Rationality",
+)
+
+
+def score_table(
+    results: dict[str, float], model: str, prompt: str, prefix: str = "test/score/"
+) -> str:
+    """Markdown in the layout of the paper's Table 3: the random-guess row, then the model's."""
+
+    def row(name: str, prompt_type: str, keys: list[str]) -> str:
+        cells = [f"{results[prefix + k]:.2f}" if prefix + k in results else "n/a" for k in keys]
+        return f"| {name} | {prompt_type} | " + " | ".join(cells) + " |"
+
+    head = "| Models | Prompt Type | " + " | ".join(HEADERS) + " |"
+    sep = "|" + "---|" * (len(HEADERS) + 2)
+    random_keys = ["random_baseline", *(f"random_baseline/{d}" for d in DIMENSIONS)]
+    lines = [head, sep, row("Random", "-", random_keys), row(model, prompt, list(COLUMNS))]
+    extra = [k for k in ("exact_match", "mean_dpa", "valid_rate", "count") if prefix + k in results]
+    lines.append("")
+    lines.append(", ".join(f"{k} {results[prefix + k]:.2f}" for k in extra))
+    return "\n".join(lines)
+
+
+def evaluate(cfg: DictConfig) -> dict[str, Any]:
+    with open_dict(cfg):
+        cfg.data.mode = "eval"
+    validate(cfg)
+    resolve_precision(cfg)
+    L.seed_everything(cfg.seed, workers=True)
+    output_dir = Path(cfg.paths.output_dir)
+    datamodule = instantiate(cfg.data, _convert_="all")
+    module = ScreeningModule(model=cfg.model, eval_generation=dict(cfg.generation))
+    loggers = make_loggers(cfg)
+    try:
+        trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=[])
+        trainer.test(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    finally:
+        finish_loggers(loggers)
+    results = module.test_results
+    model_name = str(cfg.get("ckpt_path") or cfg.model.name_or_path)
+    table = score_table(
+        results,
+        Path(model_name).name or model_name,
+        cfg.prompt.name.capitalize() if cfg.prompt.name != "cot" else "CoT",
+    )
+    print(table)
+    payload = {
+        "metrics": results,
+        "model": model_name,
+        "prompt": cfg.prompt.name,
+        "split": cfg.data.eval_split,
+        "manifest_hashes": datamodule.manifest_hashes(),
+    }
+    atomic_write_text(output_dir / "metrics.json", json.dumps(payload, indent=2))
+    atomic_write_text(output_dir / "table.md", table + "\n")
+    log.info("results written to %s", output_dir / "metrics.json")
+    return results

@@ -1,0 +1,227 @@
+"""GRPO's math (paper eqs. 2-5) as pure tensor functions: group advantages and the clipped loss.
+
+Layout: a batch holds B prompts × G completions, prompt-major, so row i of every (B*G, ...) tensor
+is completion i % G of prompt i // G:
+
+    rewards  [p0c0, p0c1, ..., p0c{G-1}, p1c0, ..., p{B-1}c{G-1}]     # (B*G,)
+
+Departures from the paper's equations, all as in TRL / ms-swift (the paper trains with SWIFT on
+top of TRL):
+- eq. 2 divides by `std + eps` (unbiased std, eps 1e-4) so a group with equal rewards has no NaN;
+  such a group gets advantage exactly 0 (it carries no learning signal).
+- eqs. 3-5 are applied per token (the paper writes them per sequence): w is a per-token ratio
+  unless `level="sequence"` (GSPO), and the KL is the k3 estimator on each sampled token.
+- the upper clip bound may differ from the lower one (DAPO's clip-higher), default equal.
+"""
+
+from __future__ import annotations
+
+import torch
+
+ADVANTAGE_SCALES = ("group", "batch", "none")
+RATIO_LEVELS = ("token", "sequence")
+AGGREGATIONS = ("sequence_mean", "token_mean")
+
+# Guards of the k3 KL, the values ms-swift uses (see `policy_loss`'s docstring for why).
+KL_LOG_RATIO_BOUND = 20.0
+KL_VALUE_BOUND = 10.0
+
+
+def _grouped(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
+    if rewards.ndim != 1:
+        raise ValueError(f"rewards must be 1-D (B*G,), got shape {tuple(rewards.shape)}")
+    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 2:
+        raise ValueError(f"group_size must be an int >= 2 (GRPO needs a group), got {group_size!r}")
+    if rewards.numel() == 0 or rewards.numel() % group_size != 0:
+        raise ValueError(
+            f"len(rewards)={rewards.numel()} is not a positive multiple of group_size={group_size}"
+        )
+    if not rewards.is_floating_point():
+        rewards = rewards.float()
+    return rewards.view(-1, group_size)  # (B, G)
+
+
+def zero_variance_groups(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
+    """Which groups have all G rewards equal (no learning signal): bool tensor (B,).
+
+    >>> zero_variance_groups(torch.tensor([1.0, 0.0, 0.5, 0.5]), 2)
+    tensor([False,  True])
+    """
+    grouped = _grouped(rewards, group_size)  # (B, G)
+    # exact equality, not isclose: a group with rewards 0.5 and 0.5+1e-9 still ranks its members
+    return grouped.amax(dim=1) == grouped.amin(dim=1)
+
+
+def group_advantages(
+    rewards: torch.Tensor, group_size: int, scale: str = "group", eps: float = 1e-4
+) -> torch.Tensor:
+    """Eq. 2: each completion's reward relative to its group, (B*G,) -> (B*G,).
+
+    `A = (r - mean_g) / (std + eps)` with torch's unbiased std, where std is
+    - "group": the std of the completion's own group (the paper, TRL's default),
+    - "batch": the std of all B*G rewards (TRL's scale_rewards="batch"; centring stays per group),
+    - "none": no division, only centring (Dr. GRPO).
+    Groups whose rewards are all equal get exactly 0.
+
+    >>> group_advantages(torch.tensor([1.0, 0.0, 2.0, 2.0]), 2)
+    tensor([ 0.7070, -0.7070,  0.0000,  0.0000])
+    """
+    if scale not in ADVANTAGE_SCALES:
+        raise ValueError(f"scale must be one of {ADVANTAGE_SCALES}, got {scale!r}")
+    if eps < 0:
+        raise ValueError(f"eps must be >= 0, got {eps}")
+    grouped = _grouped(rewards, group_size)  # (B, G)
+    centred = grouped - grouped.mean(dim=1, keepdim=True)  # (B, G)
+    if scale == "group":
+        advantages = centred / (grouped.std(dim=1, keepdim=True) + eps)
+    elif scale == "batch":
+        advantages = centred / (grouped.std() + eps)
+    else:
+        advantages = centred
+    # the mean of equal floats can differ from them in the last bit: force exact zeros
+    flat = zero_variance_groups(rewards, group_size)  # (B,)
+    advantages = torch.where(flat[:, None], torch.zeros_like(advantages), advantages)
+    return advantages.reshape(-1)  # (B*G,)
+
+
+def _masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    total = torch.where(mask, x, torch.zeros_like(x)).sum()
+    return total / mask.sum().clamp(min=1)
+
+
+def policy_loss(
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    ref_logprobs: torch.Tensor | None,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    clip_eps: float = 0.2,
+    clip_eps_high: float | None = None,
+    beta: float = 0.04,
+    level: str = "token",
+    agg: str = "sequence_mean",
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The GRPO loss (minus eq. 3's objective) and detached statistics.
+
+    Args:
+        logprobs: (N, T) log pi_theta of each sampled completion token, with grad.
+        old_logprobs: (N, T) the same under pi_old, the policy that sampled (treated as constant).
+        ref_logprobs: (N, T) the same under pi_ref (constant), or None when beta == 0.
+        advantages: (N,) one advantage per completion (`group_advantages`).
+        mask: (N, T) 1 on real completion tokens, 0 on padding. Padding may hold any value in
+            the other tensors, nan and inf included: it changes neither the loss nor its gradient.
+        clip_eps, clip_eps_high: w is clipped to [1 - clip_eps, 1 + clip_eps_high];
+            clip_eps_high defaults to clip_eps.
+        beta: KL coefficient (the paper's 0.04).
+        level: "token": w_t = pi_theta(o_t) / pi_old(o_t) per token (TRL's default);
+            "sequence": one w per completion, exp(mean_t(log pi_theta - log pi_old)) over its real
+            tokens, shared by all its tokens (GSPO).
+        agg: "sequence_mean": mean over each completion's real tokens, then over completions
+            (eq. 3, DeepSeekMath, TRL loss_type="grpo"); "token_mean": sum over all real tokens
+            / their number (TRL loss_type="dapo" on one process), so long completions weigh more.
+
+    Per token: loss_t = -(min(w A, clip(w) A) - beta * k3_t), k3_t = exp(d) - d - 1 with
+    d = log pi_ref - log pi_theta (eq. 4, Schulman's k3: unbiased, >= 0, low variance).
+
+    Which distribution: all log-probs must be taken under the model's full softmax at the sampling
+    temperature (logits / T), not under the top-k/top-p-truncated distribution the tokens were
+    drawn from; TRL does the same. The truncated distribution is not differentiable in a useful
+    way (its support changes with theta and its renormaliser depends on the cut), pi_ref has no
+    truncation to match, and with top-k 3 / top-p 0.8 the truncated pi_old would make w exceed 1
+    for every kept token. The cost is a small bias: the samples come from the truncated policy.
+
+    KL guard: d is clamped to [-KL_LOG_RATIO_BOUND, KL_LOG_RATIO_BOUND] = [-20, 20] and k3 to
+    at most KL_VALUE_BOUND = 10 (k3 >= 0, so only the top matters), as ms-swift, the paper's
+    framework, does. Without the first, exp(d) overflows float32 for d > 88 and one token's inf
+    poisons the whole batch. The second caps one token's KL term at beta * 10 and drops its KL
+    gradient once k3 > 10 (d > ~2.6: pi_theta below pi_ref / 13 on a token just sampled from
+    pi_old ~ pi_theta), where k3's gradient 1 - exp(d) grows exponentially; such tokens are rare
+    outliers (e.g. bf16 round-off of tiny probabilities) and one exploding token would otherwise
+    dominate the clipped global gradient norm. Keeping both guards also keeps parity with the
+    paper's runs. In the normal regime (|d| < 2.6) the loss is TRL's exactly.
+
+    Stats (detached, float): `kl` (masked mean of k3, only when ref_logprobs is given),
+    `clip_frac_low` / `clip_frac_high` (fraction of real tokens where clipping removed the
+    gradient: w < 1 - clip_eps with A < 0, w > 1 + clip_eps_high with A > 0, as TRL counts),
+    `clip_frac` (their sum), `ratio_mean` (masked mean of w). With level="sequence" the fractions
+    count tokens (a completion weighs by its length), where TRL counts completions.
+    """
+    clip_eps_high = clip_eps if clip_eps_high is None else clip_eps_high
+    _check_loss_args(
+        logprobs, old_logprobs, ref_logprobs, advantages, mask, clip_eps, clip_eps_high, beta
+    )
+    if level not in RATIO_LEVELS:
+        raise ValueError(f"level must be one of {RATIO_LEVELS}, got {level!r}")
+    if agg not in AGGREGATIONS:
+        raise ValueError(f"agg must be one of {AGGREGATIONS}, got {agg!r}")
+
+    mask = mask.bool()  # (N, T)
+    zeros = torch.zeros_like(logprobs)
+    # where, not multiplication: 0 * nan is nan, in the forward and in the backward
+    logp = torch.where(mask, logprobs, zeros)  # (N, T)
+    old = torch.where(mask, old_logprobs.detach().to(logp.dtype), zeros)  # (N, T)
+    tokens_per_seq = mask.sum(dim=1).clamp(min=1)  # (N,)
+
+    log_ratio = logp - old  # (N, T), 0 on padding
+    if level == "sequence":
+        log_ratio = (log_ratio.sum(dim=1) / tokens_per_seq)[:, None].expand_as(logp)  # (N, T)
+    ratio = torch.exp(log_ratio)  # (N, T)
+    clipped_ratio = ratio.clamp(1 - clip_eps, 1 + clip_eps_high)  # (N, T)
+    adv = advantages.detach().to(logp.dtype)[:, None]  # (N, 1)
+    surrogate = torch.minimum(ratio * adv, clipped_ratio * adv)  # (N, T)
+    per_token_loss = -surrogate  # (N, T)
+
+    stats: dict[str, torch.Tensor] = {}
+    if ref_logprobs is not None:
+        ref = torch.where(mask, ref_logprobs.detach().to(logp.dtype), zeros)  # (N, T)
+        d = (ref - logp).clamp(-KL_LOG_RATIO_BOUND, KL_LOG_RATIO_BOUND)  # (N, T)
+        kl = (torch.exp(d) - d - 1).clamp(max=KL_VALUE_BOUND)  # (N, T)
+        if beta > 0:
+            per_token_loss = per_token_loss + beta * kl
+        stats["kl"] = _masked_mean(kl.detach(), mask)
+
+    per_token_loss = torch.where(mask, per_token_loss, zeros)  # (N, T)
+    if agg == "sequence_mean":
+        loss = (per_token_loss.sum(dim=1) / tokens_per_seq).mean()
+    else:
+        loss = per_token_loss.sum() / mask.sum().clamp(min=1)
+
+    with torch.no_grad():
+        low = (ratio < 1 - clip_eps) & (adv < 0)  # (N, T)
+        high = (ratio > 1 + clip_eps_high) & (adv > 0)  # (N, T)
+        stats["clip_frac_low"] = _masked_mean(low.to(logp.dtype), mask)
+        stats["clip_frac_high"] = _masked_mean(high.to(logp.dtype), mask)
+        stats["clip_frac"] = stats["clip_frac_low"] + stats["clip_frac_high"]
+        stats["ratio_mean"] = _masked_mean(ratio.detach(), mask)
+    return loss, stats
+
+
+def _check_loss_args(
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    ref_logprobs: torch.Tensor | None,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    clip_eps: float,
+    clip_eps_high: float,
+    beta: float,
+) -> None:
+    if logprobs.ndim != 2:
+        raise ValueError(f"logprobs must be (N, T), got shape {tuple(logprobs.shape)}")
+    shape = logprobs.shape
+    named = {"old_logprobs": old_logprobs, "mask": mask}
+    if ref_logprobs is not None:
+        named["ref_logprobs"] = ref_logprobs
+    for name, tensor in named.items():
+        if tensor.shape != shape:
+            raise ValueError(f"{name} has shape {tuple(tensor.shape)}, expected {tuple(shape)}")
+    if advantages.shape != shape[:1]:
+        raise ValueError(f"advantages must be (N,)=({shape[0]},), got {tuple(advantages.shape)}")
+    if not 0 < clip_eps < 1:
+        raise ValueError(f"clip_eps must be in (0, 1), got {clip_eps}")
+    if clip_eps_high <= 0:
+        raise ValueError(f"clip_eps_high must be > 0, got {clip_eps_high}")
+    if beta < 0:
+        raise ValueError(f"beta must be >= 0, got {beta}")
+    if beta > 0 and ref_logprobs is None:
+        raise ValueError(f"beta={beta} needs ref_logprobs (pass None only with beta=0)")

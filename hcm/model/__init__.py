@@ -1,0 +1,1 @@
+"""InternVL3 loading, the tiny test model, input building and generation helpers."""

@@ -1,0 +1,152 @@
+"""Sampling completions from InternVL3: banned tokens, stop strings, masks of what was generated.
+
+An untrained (or tiny random) model emits image-placeholder tokens when sampling freely, and the
+next forward then fails transformers' check that image tokens match image features. So every
+special token that cannot belong to an answer is masked at sampling time (`suppress_tokens`, which
+transformers applies before temperature/top-k/top-p: the sampling distribution is the one
+renormalised over the allowed tokens), except the eos `<|im_end|>`.
+
+The G completions of a prompt are drawn from G copies of it made here (`repeat_batch`), not by
+`generate(num_return_sequences=G)`: transformers 5.17 repeats InternVL's `pixel_values` per tile
+instead of per sample, giving the copies of a multi-tile prompt other images (5.23 is right).
+
+A completion ends at eos (kept: the model learns to stop) or at the end of the first stop string
+(`</answer>`); the tokens after it are padding with completion_mask 0.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+from transformers import GenerationConfig
+
+from hcm.model.inputs import repeat_batch
+
+MODEL_INPUTS = ("input_ids", "attention_mask", "pixel_values")
+
+
+@dataclass
+class Generation:
+    """Completions, row order [p0c0 .. p0c(G-1), p1c0 ...] (G = num_return_sequences)."""
+
+    completion_ids: torch.Tensor  # (N, L) long, right-padded with the pad id
+    completion_mask: torch.Tensor  # (N, L) long, 1 on generated tokens up to and with eos/stop
+    texts: list[str]  # decoded without special tokens, up to the cut
+    prompt_length: int  # the padded prompt length P the completions follow
+
+
+def banned_token_ids(tokenizer) -> list[int]:
+    """Special tokens that cannot be part of an answer: image markers, chat markers, padding.
+
+    Every special token of the tokenizer plus InternVL's image tokens, minus the eos.
+    """
+    ids = set(tokenizer.all_special_ids)
+    for name in ("context_image_token", "start_image_token", "end_image_token", "video_token"):
+        token = getattr(tokenizer, name, None)
+        if token is not None:
+            ids.add(tokenizer.convert_tokens_to_ids(token))
+    ids.discard(tokenizer.eos_token_id)
+    ids.discard(None)
+    return sorted(ids)
+
+
+def truncate_completions(
+    completion_ids: torch.Tensor,
+    tokenizer,
+    stop_strings: Sequence[str] = ("</answer>",),
+) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """Cut each row after its eos or after the token that completes a stop string.
+
+    Returns (ids with pad after the cut, mask, texts). Pure post-processing of `generate`'s
+    output, which pads finished rows but may let a stop string end inside a token.
+    """
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    ids = completion_ids.clone()  # (N, L)
+    mask = torch.zeros_like(ids)
+    texts = []
+    for row in range(ids.shape[0]):
+        tokens = ids[row].tolist()
+        length = tokens.index(eos) + 1 if eos in tokens else len(tokens)
+        if pad != eos and pad in tokens[:length]:  # pad is banned: only filler after a stop
+            length = tokens.index(pad)
+        length = _stop_length(tokens[:length], tokenizer, stop_strings)
+        mask[row, :length] = 1
+        ids[row, length:] = pad
+        texts.append(tokenizer.decode(tokens[:length], skip_special_tokens=True))
+    return ids, mask, texts
+
+
+def _stop_length(tokens: list[int], tokenizer, stop_strings: Sequence[str]) -> int:
+    """Fewest leading tokens whose text holds a stop string (all of them when none does)."""
+
+    def stopped(n: int) -> bool:
+        text = tokenizer.decode(tokens[:n], skip_special_tokens=True)
+        return any(s in text for s in stop_strings)
+
+    if not stop_strings or not stopped(len(tokens)):
+        return len(tokens)
+    lo, hi = 1, len(tokens)  # a prefix's text only grows: binary search the first stopped prefix
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if stopped(mid):
+            hi = mid
+        else:
+            lo = mid + 1
+    return lo
+
+
+@torch.no_grad()
+def generate(
+    model,
+    batch: Mapping[str, torch.Tensor],
+    tokenizer,
+    *,
+    max_new_tokens: int,
+    do_sample: bool,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    num_return_sequences: int = 1,
+    stop_strings: Sequence[str] = ("</answer>",),
+) -> Generation:
+    """`model.generate` on a left-padded batch, with banned tokens masked and stop strings cut.
+
+    Runs the model in eval mode (its mode is restored after): in train mode with gradient
+    checkpointing, transformers' decoder layers drop the KV cache. Pass the unwrapped model
+    (not DDP's wrapper), its inputs on its device.
+    """
+    sampling = (
+        {"temperature": temperature, "top_k": top_k or 0, "top_p": 1.0 if top_p is None else top_p}
+        if do_sample
+        else {}
+    )
+    config = GenerationConfig(
+        max_new_tokens=max_new_tokens,
+        do_sample=do_sample,
+        suppress_tokens=banned_token_ids(tokenizer),
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        stop_strings=list(stop_strings) or None,
+        **sampling,
+    )
+    inputs = {k: v for k, v in batch.items() if k in MODEL_INPUTS}
+    if (inputs["attention_mask"][:, -1] == 0).any():
+        raise ValueError("generate needs a left-padded batch (encode(..., padding_side='left'))")
+    if num_return_sequences > 1:
+        cfg = model.config
+        inputs = repeat_batch(
+            inputs, num_return_sequences, cfg.image_token_id, cfg.image_seq_length
+        )
+    was_training = model.training
+    model.eval()
+    try:
+        sequences = model.generate(
+            **inputs, generation_config=config, tokenizer=tokenizer if stop_strings else None
+        )  # (N, P + L)
+    finally:
+        model.train(was_training)
+    prompt_length = inputs["input_ids"].shape[1]
+    ids, mask, texts = truncate_completions(sequences[:, prompt_length:], tokenizer, stop_strings)
+    return Generation(ids, mask, texts, prompt_length)

@@ -1,0 +1,1 @@
+"""LightningModules: Stage-1 SFT and Stage-2 GRPO over a shared screening base."""

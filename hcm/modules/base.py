@@ -1,0 +1,139 @@
+"""What every stage shares: loading InternVL3, freezing, the optimizer, and scoring by generation.
+
+Validation and test generate an answer for each test prompt (greedy by default) and feed the
+section-5.1 `ScreeningScore`, logged as `val/score/<key>` / `test/score/<key>`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any
+
+import lightning as L
+import torch
+
+from hcm.metrics import ScreeningScore
+
+log = logging.getLogger(__name__)
+
+
+def warmup_cosine(step: int, total: int, warmup: int, min_ratio: float) -> float:
+    """LR multiplier: linear warmup to 1, then cosine decay to `min_ratio` at `total` steps."""
+    if step < warmup:
+        return (step + 1) / max(1, warmup)
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+class ScreeningModule(L.LightningModule):
+    def __init__(
+        self,
+        model: dict,
+        freeze: dict | None = None,
+        optimizer: dict | None = None,
+        scheduler: dict | None = None,
+        eval_generation: dict | None = None,
+    ):
+        super().__init__()
+        self.save_hyperparameters()
+        self.model_cfg = dict(model)
+        self.freeze_cfg = dict(freeze or {})
+        self.optimizer_cfg = {
+            "lr": 1e-5,
+            "weight_decay": 0.0,
+            "betas": (0.9, 0.999),
+            **(optimizer or {}),
+        }
+        self.scheduler_cfg = {"warmup_ratio": 0.05, "min_lr_ratio": 0.0, **(scheduler or {})}
+        self.eval_generation = {
+            "max_new_tokens": 256,
+            "do_sample": False,
+            **(eval_generation or {}),
+        }
+        self.val_score, self.test_score = ScreeningScore(), ScreeningScore()
+        self.model: Any = None
+        self.tokenizer: Any = None
+
+    # -- model ---------------------------------------------------------------------------
+    @property
+    def model_path(self) -> str:
+        """The folder or hub id to load (the tiny model is built there on first use)."""
+        from hcm.model.loading import resolve_name_or_path
+
+        return resolve_name_or_path(self.model_cfg["name_or_path"], self.model_cfg.get("tiny"))
+
+    def load_policy(self) -> Any:
+        from hcm.model.loading import load_model
+
+        cfg = self.model_cfg
+        return load_model(
+            self.model_path,
+            dtype=cfg.get("dtype", "auto"),
+            attn_implementation=cfg.get("attn_implementation", "auto"),
+            gradient_checkpointing=cfg.get("gradient_checkpointing", False),
+            trust_remote_code=cfg.get("trust_remote_code", False),
+        )
+
+    def configure_model(self) -> None:
+        if self.model is not None:
+            return
+        from hcm.model.loading import freeze, load_tokenizer
+
+        self.model = self.load_policy().train()  # from_pretrained returns eval mode
+        self.tokenizer = load_tokenizer(
+            self.model_path, trust_remote_code=self.model_cfg.get("trust_remote_code", False)
+        )
+        if self.freeze_cfg:  # training stages; evaluation leaves the weights as loaded
+            counts = freeze(self.model, **self.freeze_cfg)
+            log.info("trainable parameters: %d / %d", counts["trainable"], counts["total"])
+
+    # -- optimisation ------------------------------------------------------------------------
+    def configure_optimizers(self):
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        cfg = self.optimizer_cfg
+        opt = torch.optim.AdamW(
+            params, lr=cfg["lr"], weight_decay=cfg["weight_decay"], betas=tuple(cfg["betas"])
+        )
+        ratio, min_ratio = self.scheduler_cfg["warmup_ratio"], self.scheduler_cfg["min_lr_ratio"]
+
+        def multiplier(step: int) -> float:
+            total = max(1, self.total_steps())
+            return warmup_cosine(step, total, int(ratio * total), min_ratio)
+
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, multiplier)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def total_steps(self) -> int:
+        """Optimizer steps of the whole fit, for the LR schedule."""
+        return int(self.trainer.estimated_stepping_batches)
+
+    # -- scoring by generation ---------------------------------------------------------------
+    def answer(self, batch: dict, **overrides) -> list[str]:
+        """Generate one response per prompt of a PromptCollator batch."""
+        from hcm.model.generation import generate
+
+        kwargs = {**self.eval_generation, **overrides}
+        return generate(self.model, batch["inputs"], self.tokenizer, **kwargs).texts
+
+    def _score_step(self, batch: dict, metric: ScreeningScore) -> None:
+        completions = self.answer(batch)
+        metric.update(completions, batch["answers"], batch["dimensions"])
+
+    def _log_score(self, metric: ScreeningScore, prefix: str) -> dict[str, float]:
+        values = {f"{prefix}/score/{k}": v for k, v in metric.compute().items()}
+        self.log_dict(values, sync_dist=False)  # the metric already reduced across ranks
+        metric.reset()
+        return {k: float(v) for k, v in values.items()}
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        self._score_step(batch, self.val_score)
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_score(self.val_score, "val")
+
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        self._score_step(batch, self.test_score)
+
+    def on_test_epoch_end(self) -> None:
+        self.test_results = self._log_score(self.test_score, "test")

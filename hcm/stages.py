@@ -1,0 +1,98 @@
+"""A stage's outputs: resume checkpoint, exported model, and the `stage.json` marker.
+
+A stage folder holds `checkpoints/last.ckpt` while it trains, then `model/` (a transformers
+`save_pretrained` folder: the next stage's `model.name_or_path`) and `stage.json` (what it was
+trained from: the init model, the data manifests' hashes, the config and its hash, the metrics).
+`stage.json` is written last and atomically, so its presence means the stage finished.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from hcm.config import ConfigError
+from hcm.data.records import atomic_write_text
+
+MARKER = "stage.json"
+# The keys that decide what a stage computes; logging, paths and workers don't.
+IDENTITY_KEYS = (
+    "model",
+    "module",
+    "prompt",
+    "seed",
+    "trainer.max_epochs",
+    "data.root",
+    "data.sft_sources",
+    "data.composition",
+    "data.switch_epoch",
+    "data.batch_size",
+)
+
+
+def config_hash(cfg: DictConfig) -> str:
+    resolved = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
+    identity = {k: OmegaConf.select(resolved, k) for k in IDENTITY_KEYS}
+    blob = json.dumps(OmegaConf.to_container(OmegaConf.create(identity)), sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def finished(output_dir: Path, cfg: DictConfig) -> dict[str, Any] | None:
+    """The marker of a finished stage with this config, None if unfinished; error if another."""
+    marker = Path(output_dir) / MARKER
+    if not marker.is_file():
+        return None
+    try:
+        done = json.loads(marker.read_text())
+    except json.JSONDecodeError as e:
+        raise RuntimeError(f"{marker} is corrupt ({e}); delete it to rerun the stage") from None
+    if done.get("config_hash") != config_hash(cfg):
+        raise ConfigError(
+            f"{output_dir} holds a finished stage trained with another config "
+            f"(hash {done.get('config_hash')} != {config_hash(cfg)}); choose another task_name "
+            f"or remove that folder"
+        )
+    return done
+
+
+def last_checkpoint(cfg: DictConfig, output_dir: Path) -> str | None:
+    """`ckpt_path=last` resumes from this stage's last.ckpt when there is one."""
+    ckpt = cfg.get("ckpt_path")
+    if ckpt in (None, "none", "null"):
+        return None
+    if ckpt == "last":
+        path = Path(output_dir) / "checkpoints" / "last.ckpt"
+        return str(path) if path.is_file() else None
+    if not Path(ckpt).is_file():
+        raise FileNotFoundError(f"ckpt_path={ckpt} does not exist")
+    return str(ckpt)
+
+
+def export_model(model, tokenizer, image_processor, output_dir: Path) -> Path:
+    """save_pretrained into <output_dir>/model via a temporary folder renamed at the end."""
+    target = Path(output_dir) / "model"
+    tmp = Path(output_dir) / f".model.tmp-{time.time_ns()}"
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    image_processor.save_pretrained(tmp)
+    if target.exists():
+        shutil.rmtree(target)
+    tmp.rename(target)
+    return target
+
+
+def write_marker(output_dir: Path, cfg: DictConfig, **info: Any) -> dict[str, Any]:
+    done = {
+        "config_hash": config_hash(cfg),
+        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "config": OmegaConf.to_container(cfg, resolve=True),
+        **info,
+    }
+    atomic_write_text(Path(output_dir) / MARKER, json.dumps(done, indent=2, default=str))
+    return done

@@ -1,0 +1,137 @@
+"""train(cfg): run one stage, or a pipeline of stages, from a composed Hydra config.
+
+A single stage (`experiment=tiny_sft`) trains in its run folder and exports its model there.
+A pipeline (`experiment=tiny_hcm`) composes each stage's own experiment config, with the user's
+command-line overrides applied to every stage, runs it in `<output_dir>/stages/<name>`, and
+skips stages whose `stage.json` says they finished with the same config: a rerun resumes.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from hcm import stages
+from hcm.config import validate
+
+log = logging.getLogger(__name__)
+
+
+def resolve_precision(cfg: DictConfig) -> None:
+    if cfg.trainer.get("precision") == "auto":
+        with open_dict(cfg):
+            cfg.trainer.precision = "bf16-mixed" if torch.cuda.is_available() else "32-true"
+
+
+def make_loggers(cfg: DictConfig) -> list:
+    return [instantiate(c) for c in (cfg.get("logger") or {}).values() if c]
+
+
+def make_callbacks(cfg: DictConfig) -> list:
+    return [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c]
+
+
+def finish_loggers(loggers: list) -> None:
+    """Close W&B runs so that multirun jobs never share one."""
+    for lg in loggers:
+        if type(lg).__name__ == "WandbLogger":
+            import wandb
+
+            wandb.finish()
+
+
+def metrics_of(trainer: L.Trainer) -> dict[str, float]:
+    return {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
+
+
+def run_stage(cfg: DictConfig) -> dict[str, Any]:
+    """Fit one SFT or GRPO stage and export its model; skipped when already finished."""
+    validate(cfg)
+    output_dir = Path(cfg.paths.output_dir)
+    done = stages.finished(output_dir, cfg)
+    if done is not None:
+        log.info("stage in %s already finished; skipping", output_dir)
+        return done.get("metrics", {})
+    resolve_precision(cfg)
+    L.seed_everything(cfg.seed, workers=True)
+    datamodule = instantiate(cfg.data, _convert_="all")
+    module = instantiate(cfg.module, _convert_="all")
+    loggers = make_loggers(cfg)
+    try:
+        trainer = instantiate(cfg.trainer, callbacks=make_callbacks(cfg), logger=loggers or False)
+        trainer.fit(
+            module, datamodule=datamodule, ckpt_path=stages.last_checkpoint(cfg, output_dir)
+        )
+        metrics = metrics_of(trainer)
+        if trainer.is_global_zero:
+            from hcm.model.loading import load_image_processor
+
+            model_dir = stages.export_model(
+                module.model, module.tokenizer, load_image_processor(module.model_path), output_dir
+            )
+            stages.write_marker(
+                output_dir,
+                cfg,
+                kind=cfg.job_type,
+                init_model=str(cfg.model.name_or_path),
+                model_dir=str(model_dir),
+                manifest_hashes=datamodule.manifest_hashes(),
+                metrics=metrics,
+            )
+        return metrics
+    finally:
+        finish_loggers(loggers)
+
+
+def run_pipeline(cfg: DictConfig) -> dict[str, Any]:
+    """Run `cfg.pipeline`'s stages in order; each stage is an experiment composed afresh."""
+    from hydra import compose
+    from hydra.core.hydra_config import HydraConfig
+
+    from hcm.evaluate import evaluate
+
+    user_overrides = [
+        o
+        for o in HydraConfig.get().overrides.task
+        if not o.startswith(("experiment=", "task_name="))
+    ]
+    root = Path(cfg.paths.output_dir) / "stages"
+    outputs: dict[str, Path] = {}
+    metrics: dict[str, Any] = {}
+    for name, stage in cfg.pipeline.items():
+        if stage is None:  # an experiment may drop an inherited stage with `name: null`
+            continue
+        stage_dir = root / name
+        overrides = [f"paths.output_dir={stage_dir}", f"task_name={cfg.task_name}/{name}"]
+        if stage.get("experiment"):
+            overrides.insert(0, f"experiment={stage.experiment}")
+        if stage.get("init_from"):
+            if stage.init_from not in outputs:
+                raise ValueError(
+                    f"stage {name!r}: init_from {stage.init_from!r} is not an earlier stage"
+                )
+            # an exported model: load it as is (never build the tiny model there)
+            overrides += [
+                f"model.name_or_path={outputs[stage.init_from] / 'model'}",
+                "model.tiny=null",
+            ]
+        overrides += [*stage.get("overrides", []), *user_overrides]
+        kind = stage.get("kind", "train")
+        log.info("pipeline stage %s (%s): %s", name, kind, " ".join(overrides))
+        stage_cfg = compose(config_name="eval" if kind == "eval" else "train", overrides=overrides)
+        with open_dict(stage_cfg):
+            stage_cfg.pipeline = {}
+        metrics = evaluate(stage_cfg) if kind == "eval" else run_stage(stage_cfg)
+        outputs[name] = stage_dir
+    return metrics
+
+
+def train(cfg: DictConfig) -> dict[str, Any]:
+    log.debug("config:\n%s", OmegaConf.to_yaml(cfg))
+    return run_pipeline(cfg) if cfg.get("pipeline") else run_stage(cfg)

@@ -1,0 +1,19 @@
+"""Train one stage or a whole pipeline of stages. `python train.py --help` lists the options."""
+
+import hydra
+from omegaconf import DictConfig
+
+from hcm.config import register_resolvers
+from hcm.train import train
+
+register_resolvers()
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="train")
+def main(cfg: DictConfig) -> float | None:
+    metrics = train(cfg)
+    return metrics.get("test/score/overall")  # the value a Hydra sweeper would optimise
+
+
+if __name__ == "__main__":
+    main()
