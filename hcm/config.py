@@ -1,21 +1,42 @@
 """Config checks at start-up and the project's OmegaConf resolvers.
 
-A wrong override should fail before any model is loaded, naming the key: G < 2, beta < 0,
-clip_eps outside (0, 1), switch_epoch past the last epoch, an unknown composition...
+`validate(cfg)` runs first in `hcm.train.run_stage` and `hcm.evaluate.evaluate`, before any
+data or model is touched, so a wrong override fails in a second, naming the key: a wrong type
+(`module.group_size=abc`, `module.beta=[1]`, `data.batch_size=2.5`, `null` where a value is
+needed, NaN or infinity), a value out of range (G < 2, beta < 0, clip_eps outside (0, 1), ...),
+a name that is not one of the choices, and `data.switch_epoch` past `trainer.max_epochs`.
+
+Keys absent from a config are skipped (an SFT stage has no `module.group_size`). Checks are one
+table, RULES; the allowed names come from the modules that use them, except the model's dtype
+and attention names, copied here so that a config check does not import transformers (a test
+pins them to hcm.model.loading's).
 """
 
 from __future__ import annotations
 
+import math
 import os
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import InterpolationResolutionError, MissingMandatoryValue
 
-COMPOSITIONS = ("all", "hard_only", "easy_only", "all_plus_hard", "all_plus_random")
+from hcm.data.datasets import SFT_SOURCES
+from hcm.data.sampler import COMPOSITIONS
+from hcm.grpo import ADVANTAGE_SCALES, AGGREGATIONS, RATIO_LEVELS
+from hcm.prompts import LAYOUTS
+from hcm.rewards import REWARDS
+
+DTYPE_NAMES = ("auto", "bf16", "fp16", "fp32")  # = hcm.model.loading.DTYPES plus auto
+ATTN_NAMES = ("auto", "flash_attention_2", "sdpa", "eager")  # = loading.ATTN_IMPLEMENTATIONS
+DATA_MODES = ("sft", "grpo", "eval")
 
 
 class ConfigError(ValueError):
-    """A config value out of range, naming the key."""
+    """A config value of the wrong type or out of range, naming the key."""
 
 
 def wandb_offline() -> bool:
@@ -33,41 +54,187 @@ def register_resolvers() -> None:
         OmegaConf.register_new_resolver("hcm.wandb_offline", wandb_offline)
 
 
-def _check(cfg: DictConfig, key: str, ok, expected: str) -> None:
-    value = OmegaConf.select(cfg, key, default=None)
-    if value is not None and not ok(value):
-        raise ConfigError(f"config key '{key}' = {value!r} is invalid: expected {expected}")
-
-
-def _is_int(v) -> bool:
+# -- value predicates ----------------------------------------------------------------------------
+def is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
-def _is_num(v) -> bool:
-    return isinstance(v, int | float) and not isinstance(v, bool)
+def is_num(v: Any) -> bool:
+    """A finite int or float (not a bool, NaN or infinity)."""
+    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
 
 
-def validate(cfg: DictConfig) -> None:
-    """Reject wrong types and out-of-range values before anything heavy starts."""
-    _check(cfg, "seed", _is_int, "an integer")
-    _check(cfg, "data.batch_size", lambda v: _is_int(v) and v >= 1, "an integer >= 1")
-    _check(cfg, "data.eval_batch_size", lambda v: _is_int(v) and v >= 1, "an integer >= 1")
-    _check(cfg, "data.composition", lambda v: v in COMPOSITIONS, f"one of {COMPOSITIONS}")
-    _check(cfg, "data.switch_epoch", lambda v: _is_int(v) and v >= 0, "an integer >= 0")
-    _check(cfg, "trainer.max_epochs", lambda v: _is_int(v) and v >= 1, "an integer >= 1")
-    _check(cfg, "module.group_size", lambda v: _is_int(v) and v >= 2, "an integer >= 2 (G)")
-    _check(cfg, "module.beta", lambda v: _is_num(v) and v >= 0, "a number >= 0")
-    _check(cfg, "module.clip_eps", lambda v: _is_num(v) and 0 < v < 1, "a number in (0, 1)")
-    _check(cfg, "module.clip_eps_high", lambda v: _is_num(v) and 0 < v < 1, "a number in (0, 1)")
-    _check(cfg, "module.num_iterations", lambda v: _is_int(v) and v >= 1, "an integer >= 1 (mu)")
-    _check(cfg, "module.sampling.temperature", lambda v: _is_num(v) and v > 0, "a number > 0")
-    _check(cfg, "module.sampling.top_p", lambda v: _is_num(v) and 0 < v <= 1, "a number in (0, 1]")
-    _check(cfg, "module.sampling.top_k", lambda v: _is_int(v) and v >= 0, "an integer >= 0")
-    _check(cfg, "module.optimizer.lr", lambda v: _is_num(v) and v >= 0, "a number >= 0")
-    switch = OmegaConf.select(cfg, "data.switch_epoch", default=None)
-    epochs = OmegaConf.select(cfg, "trainer.max_epochs", default=None)
-    mode = OmegaConf.select(cfg, "data.mode", default=None)
-    if mode == "grpo" and _is_int(switch) and _is_int(epochs) and switch > epochs:
+def int_at_least(low: int) -> Callable[[Any], bool]:
+    return lambda v: is_int(v) and v >= low
+
+
+def num_in(low: float, high: float, low_open: bool = False, high_open: bool = False):
+    def ok(v: Any) -> bool:
+        if not is_num(v):
+            return False
+        above = v > low if low_open else v >= low
+        below = v < high if high_open else v <= high
+        return above and below
+
+    return ok
+
+
+def one_of(choices) -> Callable[[Any], bool]:
+    return lambda v: isinstance(v, str) and v in choices
+
+
+def is_bool(v: Any) -> bool:
+    return isinstance(v, bool)
+
+
+def _mapping_of(keys, value_ok) -> Callable[[Any], bool]:
+    return lambda v: (
+        isinstance(v, DictConfig) and all(k in keys and value_ok(x) for k, x in v.items())
+    )
+
+
+def _list_of(item_ok, min_len: int = 0, max_len: int | None = None):
+    return lambda v: (
+        isinstance(v, ListConfig)
+        and min_len <= len(v) <= (len(v) if max_len is None else max_len)
+        and all(item_ok(x) for x in v)
+    )
+
+
+@dataclass(frozen=True)
+class Rule:
+    key: str
+    ok: Callable[[Any], bool]
+    expected: str
+    nullable: bool = False  # null is a meaningful value (e.g. "use the default")
+
+
+INF = math.inf
+RULES: tuple[Rule, ...] = (
+    Rule("seed", int_at_least(0), "an integer >= 0"),
+    # model
+    Rule("model.name_or_path", lambda v: isinstance(v, str) and v != "", "a non-empty string"),
+    Rule("model.dtype", one_of(DTYPE_NAMES), f"one of {DTYPE_NAMES}"),
+    Rule("model.attn_implementation", one_of(ATTN_NAMES), f"one of {ATTN_NAMES}"),
+    Rule("model.gradient_checkpointing", is_bool, "true or false"),
+    Rule("model.trust_remote_code", is_bool, "true or false"),
+    Rule("model.max_patches", int_at_least(1), "an integer >= 1"),
+    Rule("model.image_layout", one_of(LAYOUTS), f"one of {LAYOUTS}"),
+    # data
+    Rule("data.mode", one_of(DATA_MODES), f"one of {DATA_MODES}"),
+    Rule("data.image_layout", one_of(LAYOUTS), f"one of {LAYOUTS}"),
+    Rule(
+        "data.sft_sources",
+        _list_of(one_of(tuple(SFT_SOURCES)), min_len=1),
+        f"a non-empty list of {tuple(SFT_SOURCES)}",
+    ),
+    Rule("data.batch_size", int_at_least(1), "an integer >= 1"),
+    Rule("data.eval_batch_size", int_at_least(1), "an integer >= 1"),
+    Rule("data.num_workers", int_at_least(0), "an integer >= 0"),
+    Rule("data.limit_eval", int_at_least(1), "an integer >= 1 or null", nullable=True),
+    Rule("data.skip_invalid", is_bool, "true or false"),
+    Rule("data.check_images", is_bool, "true or false"),
+    Rule("data.switch_epoch", int_at_least(0), "an integer >= 0"),
+    Rule("data.composition", one_of(COMPOSITIONS), f"one of {COMPOSITIONS}"),
+    # trainer (Lightning checks the rest when the Trainer is built, before any model is loaded)
+    Rule("trainer.max_epochs", int_at_least(1), "an integer >= 1", nullable=True),
+    # module: both stages
+    Rule("module.optimizer.lr", num_in(0, INF), "a number >= 0"),
+    Rule("module.optimizer.weight_decay", num_in(0, INF), "a number >= 0"),
+    Rule(
+        "module.optimizer.betas",
+        _list_of(num_in(0, 1, high_open=True), 2, 2),
+        "a list of two numbers in [0, 1)",
+    ),
+    Rule("module.scheduler.warmup_ratio", num_in(0, 1), "a number in [0, 1]"),
+    Rule("module.scheduler.min_lr_ratio", num_in(0, 1), "a number in [0, 1]"),
+    Rule("module.freeze.vision_tower", is_bool, "true or false"),
+    Rule("module.freeze.projector", is_bool, "true or false"),
+    Rule("module.freeze.language_model", is_bool, "true or false"),
+    Rule("module.eval_generation.max_new_tokens", int_at_least(1), "an integer >= 1"),
+    Rule("generation.max_new_tokens", int_at_least(1), "an integer >= 1"),
+    # module: GRPO (eqs. 2-7)
+    Rule("module.group_size", int_at_least(2), "an integer >= 2 (G: GRPO needs a group)"),
+    Rule("module.beta", num_in(0, INF), "a number >= 0"),
+    Rule("module.clip_eps", num_in(0, 1, True, True), "a number in (0, 1)"),
+    Rule("module.clip_eps_high", num_in(0, 1, True, True), "a number in (0, 1) or null", True),
+    Rule("module.num_iterations", int_at_least(1), "an integer >= 1 (mu)"),
+    Rule("module.loss_level", one_of(RATIO_LEVELS), f"one of {RATIO_LEVELS}"),
+    Rule("module.loss_agg", one_of(AGGREGATIONS), f"one of {AGGREGATIONS}"),
+    Rule("module.advantage_scale", one_of(ADVANTAGE_SCALES), f"one of {ADVANTAGE_SCALES}"),
+    Rule(
+        "module.rewards",
+        _mapping_of(tuple(REWARDS), num_in(0, INF)),
+        f"a mapping of {tuple(REWARDS)} to weights >= 0",
+    ),
+    Rule("module.sampling.temperature", num_in(0, INF, low_open=True), "a number > 0"),
+    Rule("module.sampling.top_p", num_in(0, 1, low_open=True), "a number in (0, 1]"),
+    Rule("module.sampling.top_k", int_at_least(0), "an integer >= 0"),
+    Rule("module.sampling.max_new_tokens", int_at_least(1), "an integer >= 1"),
+    Rule("module.mini_batch_size", int_at_least(1), "an integer >= 1 or null", nullable=True),
+    Rule("module.logprob_chunk_size", int_at_least(1), "an integer >= 1"),
+    Rule("module.max_grad_norm", num_in(0, INF, True), "a number > 0 or null", nullable=True),
+    Rule("module.resample_zero_variance", int_at_least(0), "an integer >= 0"),
+    Rule("module.log_completions_every_n_steps", int_at_least(0), "an integer >= 0", True),
+    Rule("module.mining.k", int_at_least(1), "an integer >= 1"),
+    Rule("module.mining.pass_threshold", num_in(0, 1, low_open=True), "a number in (0, 1]"),
+    Rule("module.mining.temperature", num_in(0, INF, low_open=True), "a number > 0"),
+    Rule("module.mining.max_new_tokens", int_at_least(1), "an integer >= 1 or null", True),
+    Rule("module.mining.batch_size", int_at_least(1), "an integer >= 1 or null", True),
+)
+
+_ABSENT = object()
+
+
+def _value(cfg: DictConfig, key: str) -> Any:
+    try:
+        return OmegaConf.select(cfg, key, default=_ABSENT, throw_on_missing=True)
+    except MissingMandatoryValue:
+        raise ConfigError(f"config key '{key}' is missing ('???'): set it") from None
+    except InterpolationResolutionError:
+        # e.g. ${hydra:...} outside a Hydra run: resolving it later gives OmegaConf's own error
+        return _ABSENT
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, DictConfig | ListConfig):
+        value = OmegaConf.to_container(value)
+    return repr(value)
+
+
+def _check_schedule(cfg: DictConfig) -> None:
+    """GRPO's HCM schedule (Table 7): all data for switch_epoch epochs, then the composition."""
+    if OmegaConf.select(cfg, "data.mode", default=None) != "grpo":
+        return  # SFT and evaluation have no schedule
+    switch = _value(cfg, "data.switch_epoch")
+    epochs = _value(cfg, "trainer.max_epochs")
+    composition = _value(cfg, "data.composition")
+    if not (is_int(switch) and is_int(epochs)):
+        return
+    if switch > epochs:
         raise ConfigError(
             f"config key 'data.switch_epoch' = {switch} is past 'trainer.max_epochs' = {epochs}"
         )
+    if switch == epochs and composition not in (_ABSENT, "all"):
+        # hard-case mining (a generation pass over the train split) would be wasted
+        raise ConfigError(
+            f"config key 'data.switch_epoch' = {switch} equals 'trainer.max_epochs': "
+            f"data.composition={composition!r} would never be used; lower data.switch_epoch, "
+            "raise trainer.max_epochs or set data.composition=all"
+        )
+
+
+def validate(cfg: DictConfig, rules: tuple[Rule, ...] = RULES) -> None:
+    """Reject wrong types and out-of-range values before anything heavy starts.
+
+    Raises ConfigError naming the first bad key, its value and what was expected.
+    """
+    for rule in rules:
+        value = _value(cfg, rule.key)
+        if value is _ABSENT or (value is None and rule.nullable):
+            continue
+        if value is None or not rule.ok(value):
+            raise ConfigError(
+                f"config key '{rule.key}' = {_show(value)} is invalid: expected {rule.expected}"
+            )
+    _check_schedule(cfg)

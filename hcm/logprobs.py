@@ -111,6 +111,27 @@ def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     return positions.masked_fill(attention_mask == 0, 0)
 
 
+def check_completion_shapes(
+    input_ids: torch.Tensor, attention_mask: torch.Tensor, completion_mask: torch.Tensor
+) -> int:
+    """The prompt length P of (N, P+L) `input_ids` whose completions `completion_mask` (N, L)
+    marks; raises ValueError when the shapes don't fit together."""
+    n_rows, seq_len = input_ids.shape
+    completion_len = completion_mask.shape[1]
+    prompt_len = seq_len - completion_len
+    if attention_mask.shape != input_ids.shape:
+        raise ValueError(
+            f"attention_mask {tuple(attention_mask.shape)} must match input_ids "
+            f"{tuple(input_ids.shape)} (prompt mask followed by completion mask)"
+        )
+    if completion_mask.shape[0] != n_rows or prompt_len < 1:
+        raise ValueError(
+            f"completion_mask {tuple(completion_mask.shape)} does not fit input_ids "
+            f"{tuple(input_ids.shape)} (needs the same N and at least one prompt token)"
+        )
+    return prompt_len
+
+
 def completion_logprobs(
     model: nn.Module,
     input_ids: torch.Tensor,
@@ -129,19 +150,7 @@ def completion_logprobs(
         completion_mask: (N, L) 1 on real completion tokens; L is taken from its width.
     Positions where completion_mask is 0 hold finite values of no meaning.
     """
-    n_rows, seq_len = input_ids.shape
-    completion_len = completion_mask.shape[1]
-    prompt_len = seq_len - completion_len
-    if attention_mask.shape != input_ids.shape:
-        raise ValueError(
-            f"attention_mask {tuple(attention_mask.shape)} must match input_ids "
-            f"{tuple(input_ids.shape)} (prompt mask followed by completion mask)"
-        )
-    if completion_mask.shape[0] != n_rows or prompt_len < 1:
-        raise ValueError(
-            f"completion_mask {tuple(completion_mask.shape)} does not fit input_ids "
-            f"{tuple(input_ids.shape)} (needs the same N and at least one prompt token)"
-        )
+    prompt_len = check_completion_shapes(input_ids, attention_mask, completion_mask)
     # the base model only: its lm_head would build (N, P+L, V) logits at once
     hidden = model.model(
         input_ids=input_ids,
@@ -150,6 +159,6 @@ def completion_logprobs(
         position_ids=position_ids_from_mask(attention_mask),
         use_cache=False,
     ).last_hidden_state  # (N, P+L, H)
-    predicting = hidden[:, prompt_len - 1 : seq_len - 1]  # (N, L, H)
+    predicting = hidden[:, prompt_len - 1 : -1]  # (N, L, H)
     targets = input_ids[:, prompt_len:]  # (N, L)
     return token_logprobs(predicting, model.lm_head, targets, temperature, chunk_size)

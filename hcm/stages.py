@@ -36,10 +36,14 @@ IDENTITY_KEYS = (
 )
 
 
+def _resolved(cfg: DictConfig, key: str) -> Any:
+    node = OmegaConf.select(cfg, key)
+    return OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
+
+
 def config_hash(cfg: DictConfig) -> str:
-    resolved = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
-    identity = {k: OmegaConf.select(resolved, k) for k in IDENTITY_KEYS}
-    blob = json.dumps(OmegaConf.to_container(OmegaConf.create(identity)), sort_keys=True)
+    identity = {k: _resolved(cfg, k) for k in IDENTITY_KEYS}
+    blob = json.dumps(identity, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -91,7 +95,7 @@ def write_marker(output_dir: Path, cfg: DictConfig, **info: Any) -> dict[str, An
     done = {
         "config_hash": config_hash(cfg),
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "config": OmegaConf.to_container(cfg, resolve=True),
+        "config": {k: _resolved(cfg, k) for k in cfg if k != "hydra"},
         **info,
     }
     atomic_write_text(Path(output_dir) / MARKER, json.dumps(done, indent=2, default=str))

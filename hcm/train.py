@@ -73,7 +73,10 @@ def run_stage(cfg: DictConfig) -> dict[str, Any]:
             from hcm.model.loading import load_image_processor
 
             model_dir = stages.export_model(
-                module.model, module.tokenizer, load_image_processor(module.model_path), output_dir
+                module.model,
+                module.tokenizer,
+                load_image_processor(module.model_path, cfg.model.trust_remote_code),
+                output_dir,
             )
             stages.write_marker(
                 output_dir,
@@ -89,46 +92,61 @@ def run_stage(cfg: DictConfig) -> dict[str, Any]:
         finish_loggers(loggers)
 
 
-def run_pipeline(cfg: DictConfig) -> dict[str, Any]:
-    """Run `cfg.pipeline`'s stages in order; each stage is an experiment composed afresh."""
+def compose_stages(cfg: DictConfig) -> list[tuple[str, str, DictConfig]]:
+    """(name, kind, config) of each pipeline stage, composed as its own experiment."""
     from hydra import compose
     from hydra.core.hydra_config import HydraConfig
 
-    from hcm.evaluate import evaluate
-
-    user_overrides = [
-        o
-        for o in HydraConfig.get().overrides.task
-        if not o.startswith(("experiment=", "task_name="))
-    ]
+    # The user's overrides apply to every stage, except those about the pipeline run itself.
+    own = (
+        "experiment=",
+        "task_name=",
+        "pipeline",
+        "+pipeline",
+        "~pipeline",
+        "hydra.",
+        "ckpt_path=",
+    )
+    user_overrides = [o for o in HydraConfig.get().overrides.task if not o.startswith(own)]
     root = Path(cfg.paths.output_dir) / "stages"
-    outputs: dict[str, Path] = {}
-    metrics: dict[str, Any] = {}
+    composed = []
     for name, stage in cfg.pipeline.items():
         if stage is None:  # an experiment may drop an inherited stage with `name: null`
             continue
-        stage_dir = root / name
-        overrides = [f"paths.output_dir={stage_dir}", f"task_name={cfg.task_name}/{name}"]
+        overrides = [f"paths.output_dir={root / name}", f"task_name={cfg.task_name}/{name}"]
         if stage.get("experiment"):
             overrides.insert(0, f"experiment={stage.experiment}")
         if stage.get("init_from"):
-            if stage.init_from not in outputs:
+            if stage.init_from not in [n for n, _, _ in composed]:
                 raise ValueError(
-                    f"stage {name!r}: init_from {stage.init_from!r} is not an earlier stage"
+                    f"stage {name!r}: init_from {stage.init_from!r} is no earlier stage"
                 )
             # an exported model: load it as is (never build the tiny model there)
             overrides += [
-                f"model.name_or_path={outputs[stage.init_from] / 'model'}",
+                f"model.name_or_path={root / stage.init_from / 'model'}",
                 "model.tiny=null",
             ]
         overrides += [*stage.get("overrides", []), *user_overrides]
         kind = stage.get("kind", "train")
-        log.info("pipeline stage %s (%s): %s", name, kind, " ".join(overrides))
         stage_cfg = compose(config_name="eval" if kind == "eval" else "train", overrides=overrides)
         with open_dict(stage_cfg):
             stage_cfg.pipeline = {}
+        log.info("pipeline stage %s (%s): %s", name, kind, " ".join(overrides))
+        composed.append((name, kind, stage_cfg))
+    return composed
+
+
+def run_pipeline(cfg: DictConfig) -> dict[str, Any]:
+    """Run `cfg.pipeline`'s stages in order, after checking every stage's config up front:
+    a bad override of the last stage fails before the first one trains."""
+    from hcm.evaluate import evaluate
+
+    composed = compose_stages(cfg)
+    for _, _, stage_cfg in composed:
+        validate(stage_cfg)
+    metrics: dict[str, Any] = {}
+    for _, kind, stage_cfg in composed:
         metrics = evaluate(stage_cfg) if kind == "eval" else run_stage(stage_cfg)
-        outputs[name] = stage_dir
     return metrics
 
 

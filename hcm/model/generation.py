@@ -12,6 +12,12 @@ instead of per sample, giving the copies of a multi-tile prompt other images (5.
 
 A completion ends at eos (kept: the model learns to stop) or at the end of the first stop string
 (`</answer>`); the tokens after it are padding with completion_mask 0.
+
+Fast paths, each off by default and each leaving the sampling distribution as it is:
+`cache="static"` preallocates the KV cache (sized `max_cache_len` or more, so that later calls
+reuse the shapes), which lets `compile=True` compile the decode step (CUDA graphs on a GPU; a
+one-time compile, reused while the shapes hold); `share_images=True` encodes each prompt's
+images once for its G copies and prefills from embeddings (`hcm.model.vision_cache`).
 """
 
 from __future__ import annotations
@@ -21,10 +27,12 @@ from dataclasses import dataclass
 
 import torch
 from transformers import GenerationConfig
+from transformers.generation.configuration_utils import CompileConfig
 
 from hcm.model.inputs import repeat_batch
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "pixel_values")
+CACHES = ("dynamic", "static")
 
 
 @dataclass
@@ -97,6 +105,27 @@ def _stop_length(tokens: list[int], tokenizer, stop_strings: Sequence[str]) -> i
     return lo
 
 
+def fast_path_options(
+    cache: str = "dynamic", max_cache_len: int | None = None, compile: bool = False
+) -> dict:
+    """GenerationConfig fields of the static-cache / compiled-decode fast path."""
+    if cache not in CACHES:
+        raise ValueError(f"cache must be one of {CACHES}, got {cache!r}")
+    if compile and cache != "static":
+        raise ValueError("compile=True needs cache='static' (a dynamic cache changes shape)")
+    if cache == "dynamic":
+        return {"disable_compile": True}
+    options: dict = {"cache_implementation": "static", "disable_compile": not compile}
+    if max_cache_len is not None:
+        options["max_cache_len"] = max_cache_len
+    if compile:
+        # transformers compiles the decode step on accelerators only unless told otherwise
+        compile_config = CompileConfig()
+        compile_config._compile_all_devices = True
+        options["compile_config"] = compile_config
+    return options
+
+
 @torch.no_grad()
 def generate(
     model,
@@ -110,12 +139,17 @@ def generate(
     top_p: float | None = None,
     num_return_sequences: int = 1,
     stop_strings: Sequence[str] = ("</answer>",),
+    cache: str = "dynamic",
+    max_cache_len: int | None = None,
+    compile: bool = False,
+    share_images: bool = False,
 ) -> Generation:
     """`model.generate` on a left-padded batch, with banned tokens masked and stop strings cut.
 
     Runs the model in eval mode (its mode is restored after): in train mode with gradient
     checkpointing, transformers' decoder layers drop the KV cache. Pass the unwrapped model
-    (not DDP's wrapper), its inputs on its device.
+    (not DDP's wrapper), its inputs on its device. `cache`, `max_cache_len`, `compile` and
+    `share_images` select the fast paths of the module docstring.
     """
     sampling = (
         {"temperature": temperature, "top_k": top_k or 0, "top_p": 1.0 if top_p is None else top_p}
@@ -129,19 +163,22 @@ def generate(
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
         stop_strings=list(stop_strings) or None,
+        **fast_path_options(cache, max_cache_len, compile),
         **sampling,
     )
     inputs = {k: v for k, v in batch.items() if k in MODEL_INPUTS}
     if (inputs["attention_mask"][:, -1] == 0).any():
         raise ValueError("generate needs a left-padded batch (encode(..., padding_side='left'))")
-    if num_return_sequences > 1:
-        cfg = model.config
-        inputs = repeat_batch(
-            inputs, num_return_sequences, cfg.image_token_id, cfg.image_seq_length
-        )
     was_training = model.training
     model.eval()
     try:
+        if share_images and "pixel_values" in inputs:
+            inputs = _shared_image_inputs(model, inputs, num_return_sequences)
+        elif num_return_sequences > 1:
+            cfg = model.config
+            inputs = repeat_batch(
+                inputs, num_return_sequences, cfg.image_token_id, cfg.image_seq_length
+            )
         sequences = model.generate(
             **inputs, generation_config=config, tokenizer=tokenizer if stop_strings else None
         )  # (N, P + L)
@@ -150,3 +187,25 @@ def generate(
     prompt_length = inputs["input_ids"].shape[1]
     ids, mask, texts = truncate_completions(sequences[:, prompt_length:], tokenizer, stop_strings)
     return Generation(ids, mask, texts, prompt_length)
+
+
+def _shared_image_inputs(model, inputs: dict, repeats: int) -> dict:
+    """The prompts `repeats` times each, as embeddings holding each prompt's images encoded once.
+
+    `generate` prefills from `inputs_embeds` and keeps `input_ids` to return the prompt with the
+    completion, as with `pixel_values`.
+    """
+    from hcm.model.vision_cache import embeds_with_shared_images, image_features
+
+    cfg = model.config
+    tiles = ((inputs["input_ids"] == cfg.image_token_id).sum(1) // cfg.image_seq_length).tolist()
+    features = image_features(model, inputs["pixel_values"].to(model.dtype))  # (tiles, T_img, D)
+    input_ids = inputs["input_ids"].repeat_interleave(repeats, dim=0)  # (B*G, P)
+    prompt_index = torch.arange(len(tiles), device=input_ids.device).repeat_interleave(repeats)
+    return {
+        "input_ids": input_ids,
+        "attention_mask": inputs["attention_mask"].repeat_interleave(repeats, dim=0),
+        "inputs_embeds": embeds_with_shared_images(
+            model, input_ids, features, tiles, prompt_index
+        ),  # (B*G, P, D)
+    }

@@ -113,8 +113,13 @@ def load_model(
     attn_implementation: str = "auto",
     gradient_checkpointing: bool = False,
     trust_remote_code: bool = False,
+    pad_vocab_to_multiple_of: int = 1,
 ) -> InternVLForConditionalGeneration:
-    """`InternVLForConditionalGeneration.from_pretrained` with the project's defaults."""
+    """`InternVLForConditionalGeneration.from_pretrained` with the project's defaults.
+
+    `pad_vocab_to_multiple_of` > 1 runs the `lm_head` GEMM on a vocabulary padded to that
+    multiple (`hcm.model.vocab_padding`): same outputs, faster tensor-core shapes.
+    """
     torch_dtype = resolve_dtype(dtype)
     attn = resolve_attn_implementation(attn_implementation)
     model = _from_pretrained(
@@ -132,6 +137,10 @@ def load_model(
             model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    if pad_vocab_to_multiple_of > 1:
+        from hcm.model.vocab_padding import pad_lm_head
+
+        pad_lm_head(model, pad_vocab_to_multiple_of)
     log.info("loaded %s (%s, %s attention)", name_or_path, torch_dtype, attn)
     return model
 

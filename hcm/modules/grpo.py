@@ -5,8 +5,14 @@ One training step, as in the paper:
     rewards    = weighted reward functions (format + accuracy for GRPO, format + dpa for DPA-GRPO)
     advantages = group_advantages(rewards, G)                                  (eq. 2)
     loss       = policy_loss(logprobs, old, ref, advantages)                   (eqs. 3-5)
-repeated `num_iterations` (mu) times over the same rollout, each pass in mini-batches of
-completions whose gradients accumulate into one optimizer step.
+repeated `num_iterations` (mu) times over the same rollout, each pass one optimizer step whose
+gradient accumulates over mini-batches of completions (weighted to equal the full-batch one).
+
+Batch layout: a dataloader batch holds B prompts; the rollout holds their B*G completions,
+prompt-major, as every (B*G, ...) tensor here:
+
+    rows   [p0c0, p0c1, ..., p0c{G-1}, p1c0, ..., p{B-1}c{G-1}]
+    tiles  pixel_values holds each row's image tiles in row order (prompt p's tiles G times)
 
 The ratio and the KL are taken over the model's full softmax at the sampling temperature, not
 the top-k/top-p-truncated distribution the completions were drawn from (as TRL does): the
@@ -15,7 +21,9 @@ undefined wherever the policy moves mass across the cut-off.
 
 Departures from the paper, each a config knob: `old_logprobs` are the rollout policy's, and with
 mu = 1 they equal the current ones detached (ratio 1, as TRL), saving a forward pass; groups with
-zero reward variance can be resampled (DAPO's dynamic sampling), off by default.
+zero reward variance can be redrawn (DAPO's dynamic sampling), off by default. The LR schedule
+steps once per rollout (per dataloader batch), whatever mu; `global_step` counts optimizer
+steps, mu per rollout.
 """
 
 from __future__ import annotations
@@ -27,7 +35,7 @@ from typing import Any
 
 import torch
 
-from hcm.grpo import group_advantages, policy_loss, zero_variance_groups
+from hcm.grpo import AGGREGATIONS, group_advantages, policy_loss, zero_variance_groups
 from hcm.logprobs import completion_logprobs
 from hcm.modules.base import ScreeningModule
 from hcm.rewards import score
@@ -42,13 +50,14 @@ class Rollout:
     input_ids: torch.Tensor  # (B*G, P+L) prompt (left-padded) + completion (right-padded)
     attention_mask: torch.Tensor  # (B*G, P+L)
     completion_mask: torch.Tensor  # (B*G, L)
-    pixel_values: torch.Tensor  # (tiles*G, 3, H, W), each prompt's tiles repeated G times
-    tiles: list[int]  # (B*G,) tiles per sequence, to slice pixel_values by sequence
-    texts: list[str]
-    answers: list[str]
-    rewards: torch.Tensor  # (B*G,)
-    per_reward: dict[str, torch.Tensor]
+    pixel_values: torch.Tensor  # (tiles of all rows, 3, H, W), each prompt's tiles G times
+    tiles: list[int]  # (B*G,) tiles per row, to slice pixel_values by row
+    texts: list[str]  # (B*G,)
+    answers: list[str]  # (B*G,) each prompt's label G times
+    rewards: torch.Tensor  # (B*G,) weighted sum of the reward functions
+    per_reward: dict[str, torch.Tensor]  # name -> (B*G,) unweighted
     advantages: torch.Tensor  # (B*G,)
+    zero_variance_sampled: float  # fraction of groups with equal rewards before any redraw
     old_logprobs: torch.Tensor | None = None  # (B*G, L), None when mu == 1
     ref_logprobs: torch.Tensor | None = None  # (B*G, L), None when beta == 0
 
@@ -57,9 +66,9 @@ class Rollout:
         return self.input_ids.shape[0]
 
     def pixels_of(self, rows: list[int]) -> torch.Tensor:
-        """The tiles of sequences `rows` (pixel_values is flattened in sequence order)."""
-        per_seq = self.pixel_values.split(self.tiles)
-        return torch.cat([per_seq[r] for r in rows])
+        """The tiles of rows `rows` (pixel_values is flattened in row order)."""
+        per_row = self.pixel_values.split(self.tiles)
+        return torch.cat([per_row[r] for r in rows])
 
 
 def pad_right(tensors: list[torch.Tensor], value: int) -> torch.Tensor:
@@ -68,6 +77,26 @@ def pad_right(tensors: list[torch.Tensor], value: int) -> torch.Tensor:
     return torch.cat(
         [torch.nn.functional.pad(t, (0, width - t.shape[1]), value=value) for t in tensors]
     )
+
+
+def minibatches(n: int, size: int | None) -> list[list[int]]:
+    """Consecutive row ranges of at most `size` rows (all n rows at once when size is None)."""
+    size = size or n
+    return [list(range(i, min(i + size, n))) for i in range(0, n, size)]
+
+
+def loss_share(mask: torch.Tensor, n_rows: int, n_tokens: int, agg: str) -> float:
+    """Weight of a mini-batch's loss so that the weighted sum over mini-batches is the full loss.
+
+    `policy_loss` averages within the mini-batch: over its rows ("sequence_mean") or over its
+    real tokens ("token_mean"). The full batch averages over all n_rows rows / n_tokens tokens,
+    so each mini-batch weighs by its share of those. A Python float: exact in any dtype.
+    """
+    if agg not in AGGREGATIONS:
+        raise ValueError(f"agg must be one of {AGGREGATIONS}, got {agg!r}")
+    if agg == "token_mean":
+        return int(mask.sum()) / max(n_tokens, 1)
+    return mask.shape[0] / n_rows
 
 
 class GRPOModule(ScreeningModule):
@@ -94,8 +123,11 @@ class GRPOModule(ScreeningModule):
         resample_zero_variance: int = 0,
         mining: dict | None = None,
         log_completions_every_n_steps: int = 50,
+        log_completions_prompts: int = 2,
     ):
         super().__init__(model, freeze, optimizer, scheduler, eval_generation)
+        if loss_agg not in AGGREGATIONS:
+            raise ValueError(f"module.loss_agg must be one of {AGGREGATIONS}, got {loss_agg!r}")
         self.automatic_optimization = False  # mu updates and mini-batches per rollout
         self.G, self.beta = group_size, beta
         self.clip_eps, self.clip_eps_high = clip_eps, clip_eps_high
@@ -114,8 +146,8 @@ class GRPOModule(ScreeningModule):
         self.resample_zero_variance = resample_zero_variance
         self.mining = dict(mining or {})
         self.log_completions_every_n_steps = log_completions_every_n_steps
+        self.log_completions_prompts = log_completions_prompts
         self.ref_model: Any = None
-        self.strict_loading = False  # checkpoints leave out the frozen reference model
 
     def configure_model(self) -> None:
         if self.model is not None:
@@ -125,10 +157,18 @@ class GRPOModule(ScreeningModule):
             self.ref_model = self.load_policy().eval().requires_grad_(False)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        # The reference is the initial checkpoint, reloaded on resume: don't store it twice.
+        # The reference is the initial checkpoint, reloaded by configure_model: don't store it.
         state = checkpoint["state_dict"]
         for key in [k for k in state if k.startswith("ref_model.")]:
             del state[key]
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        # Put back the reference configure_model just loaded, so that loading stays strict and a
+        # missing policy weight is still an error.
+        if self.ref_model is not None:
+            state = checkpoint["state_dict"]
+            for key, value in self.ref_model.state_dict().items():
+                state.setdefault(f"ref_model.{key}", value)
 
     def total_steps(self) -> int:
         # Epochs after switch_epoch are longer (all_plus_hard), which Lightning's estimate misses.
@@ -149,26 +189,109 @@ class GRPOModule(ScreeningModule):
         dm.set_hard_cases(hard)
 
     # -- the GRPO step ---------------------------------------------------------------------------
-    def _logprobs(self, model, rollout: Rollout, rows: list[int]) -> torch.Tensor:
-        return completion_logprobs(
-            model,
-            rollout.input_ids[rows],
-            rollout.attention_mask[rows],
-            rollout.pixels_of(rows).to(model.dtype),
-            rollout.completion_mask[rows],
-            temperature=self.sampling["temperature"],
-            chunk_size=self.logprob_chunk_size,
+    def training_step(self, batch: dict, batch_idx: int) -> None:
+        t0 = time.perf_counter()
+        rollout = self.rollout(batch)  # G completions per prompt, rewards, advantages (eq. 2)
+        t_rollout = time.perf_counter() - t0
+        opt = self.optimizers()
+        lr = opt.param_groups[0]["lr"]  # the LR of this step's updates
+        rollout_step = self.global_step // self.num_iterations
+        for _ in range(self.num_iterations):  # mu optimizer steps on the same completions
+            stats = self.accumulate_gradients(rollout)  # the loss of eqs. 3-5
+            if self.max_grad_norm:
+                self.clip_gradients(
+                    opt, gradient_clip_val=self.max_grad_norm, gradient_clip_algorithm="norm"
+                )
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        self.lr_schedulers().step()
+        t_update = time.perf_counter() - t0 - t_rollout
+        self._log_step(rollout, stats, lr, t_rollout, t_update)
+        every = self.log_completions_every_n_steps
+        if every and rollout_step % every == 0:
+            self._log_completions(rollout)
+
+    @torch.no_grad()
+    def rollout(self, batch: dict) -> Rollout:
+        """Sample, score and prepare the completions of one batch of prompts (no gradient)."""
+        from hcm.model.inputs import repeat_batch
+
+        inputs, G = batch["inputs"], self.G  # on self.device: Lightning moved the batch
+        answers = [a for a in batch["answers"] for _ in range(G)]  # (B*G,)
+        ids, mask, texts = self._sample(inputs)  # (B*G, L), (B*G, L), (B*G,)
+        rewards, per_reward = score(texts, answers, self.reward_weights)  # (B*G,) on the CPU
+        zero_variance_sampled = zero_variance_groups(rewards, G).float().mean().item()
+        for _ in range(self.resample_zero_variance):
+            flat = zero_variance_groups(rewards, G).nonzero().squeeze(1).tolist()  # prompts
+            if not flat:
+                break
+            ids, mask = self._redraw(inputs, flat, ids, mask, texts, answers, rewards, per_reward)
+        prompts = repeat_batch(inputs, G, *self._image_spec())  # each prompt G times
+        rollout = Rollout(
+            input_ids=torch.cat([prompts["input_ids"], ids], 1),  # (B*G, P+L)
+            attention_mask=torch.cat([prompts["attention_mask"], mask], 1),  # (B*G, P+L)
+            completion_mask=mask,
+            pixel_values=prompts["pixel_values"],
+            tiles=self._tiles(prompts["input_ids"]),
+            texts=texts,
+            answers=answers,
+            rewards=rewards.to(self.device),
+            per_reward={k: v.to(self.device) for k, v in per_reward.items()},
+            advantages=group_advantages(rewards, G, scale=self.advantage_scale).to(self.device),
+            zero_variance_sampled=zero_variance_sampled,
         )
+        chunks = minibatches(rollout.size, self.mini_batch_size)
+        if self.num_iterations > 1:  # mu > 1: the ratio is against the rollout policy
+            rollout.old_logprobs = torch.cat(
+                [self._logprobs(self.model, rollout, r) for r in chunks]
+            )
+        if self.ref_model is not None:
+            rollout.ref_logprobs = torch.cat(
+                [self._logprobs(self.ref_model, rollout, r) for r in chunks]
+            )
+        return rollout
 
-    def _minibatches(self, n: int) -> list[list[int]]:
-        size = self.mini_batch_size or n
-        return [list(range(i, min(i + size, n))) for i in range(0, n, size)]
+    def accumulate_gradients(self, rollout: Rollout) -> dict[str, float]:
+        """Backward of the full-batch loss, a mini-batch at a time; its value and statistics.
 
-    def _sample(self, inputs: dict) -> Any:
+        Each mini-batch's loss is weighted by its share of the full batch (`loss_share`), so the
+        accumulated gradient is the full batch's whatever `mini_batch_size`.
+        """
+        n_tokens = int(rollout.completion_mask.sum())
+        totals: dict[str, torch.Tensor] = {}
+        for rows in minibatches(rollout.size, self.mini_batch_size):
+            mask = rollout.completion_mask[rows]  # (n, L)
+            logprobs = self._logprobs(self.model, rollout, rows)  # (n, L), with grad
+            old = logprobs.detach() if rollout.old_logprobs is None else rollout.old_logprobs[rows]
+            ref = None if rollout.ref_logprobs is None else rollout.ref_logprobs[rows]
+            loss, stats = policy_loss(
+                logprobs,
+                old,
+                ref,
+                rollout.advantages[rows],
+                mask,
+                clip_eps=self.clip_eps,
+                clip_eps_high=self.clip_eps_high,
+                beta=self.beta,
+                level=self.loss_level,
+                agg=self.loss_agg,
+            )
+            share = loss_share(mask, rollout.size, n_tokens, self.loss_agg)
+            self.manual_backward(loss * share)
+            # The stats are masked means over tokens: weigh them by token share.
+            token_share = int(mask.sum()) / max(n_tokens, 1)
+            weighted = {"loss": loss.detach() * share}
+            weighted |= {k: v.detach() * token_share for k, v in stats.items()}
+            for k, v in weighted.items():
+                totals[k] = totals.get(k, 0.0) + v
+        return {k: float(v) for k, v in totals.items()}
+
+    def _sample(self, inputs: dict) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+        """G completions per prompt (generate masks InternVL's image and chat tokens)."""
         from hcm.model.generation import generate
 
         s = self.sampling
-        return generate(
+        gen = generate(
             self.model,
             inputs,
             self.tokenizer,
@@ -179,61 +302,49 @@ class GRPOModule(ScreeningModule):
             top_p=s["top_p"],
             num_return_sequences=self.G,
         )
+        return gen.completion_ids, gen.completion_mask, list(gen.texts)
 
-    @torch.no_grad()
-    def rollout(self, batch: dict) -> Rollout:
-        from hcm.model.inputs import repeat_batch
+    def _redraw(
+        self,
+        inputs: dict,
+        prompts: list[int],
+        ids: torch.Tensor,
+        mask: torch.Tensor,
+        texts: list[str],
+        answers: list[str],
+        rewards: torch.Tensor,
+        per_reward: dict[str, torch.Tensor],
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """DAPO's dynamic sampling: draw the groups of `prompts` again, in place.
 
-        inputs, G, pad = batch["inputs"], self.G, self.tokenizer.pad_token_id
-        answers = [a for a in batch["answers"] for _ in range(G)]
-        gen = self._sample(inputs)
-        ids, mask, texts = gen.completion_ids, gen.completion_mask, list(gen.texts)
-        rewards, per_reward = score(texts, answers, self.reward_weights)
-        for _ in range(self.resample_zero_variance):
-            # DAPO's dynamic sampling: redraw the groups whose rewards are all equal (no signal).
-            flat = zero_variance_groups(rewards, G).nonzero().squeeze(1).tolist()  # prompt indices
-            if not flat:
-                break
-            redo = self._sample(self._select_prompts(inputs, flat))
-            rows = [p * G + g for p in flat for g in range(G)]
-            redo_rewards, redo_parts = score(
-                redo.texts, [answers[r] for r in rows], self.reward_weights
-            )
-            ids = pad_right([ids, redo.completion_ids], pad)  # widen to the longer of the two
-            mask = pad_right([mask, redo.completion_mask], 0)
-            n = len(texts)
-            ids[rows], mask[rows] = ids[n:], mask[n:]
-            ids, mask = ids[:n], mask[:n]
-            for j, r in enumerate(rows):
-                texts[r] = redo.texts[j]
-            rewards[rows] = redo_rewards
-            for name in per_reward:
-                per_reward[name][rows] = redo_parts[name]
-        prompts = repeat_batch(inputs, G, *self._image_spec())  # each prompt G times
-        rollout = Rollout(
-            input_ids=torch.cat([prompts["input_ids"], ids], 1),  # (B*G, P+L)
-            attention_mask=torch.cat(
-                [prompts["attention_mask"], mask.to(prompts["attention_mask"])], 1
-            ),
-            completion_mask=mask,
-            pixel_values=prompts["pixel_values"],
-            tiles=self._tiles(prompts["input_ids"]),
-            texts=texts,
-            answers=answers,
-            rewards=rewards.to(self.device),
-            per_reward=per_reward,
-            advantages=group_advantages(rewards, G, scale=self.advantage_scale).to(self.device),
-        )
-        all_rows = self._minibatches(rollout.size)
-        if self.num_iterations > 1:  # mu > 1: the ratio is against the rollout policy
-            rollout.old_logprobs = torch.cat(
-                [self._logprobs(self.model, rollout, r) for r in all_rows]
-            )
-        if self.ref_model is not None:
-            rollout.ref_logprobs = torch.cat(
-                [self._logprobs(self.ref_model, rollout, r) for r in all_rows]
-            )
-        return rollout
+        Replaces their rows in `texts`, `rewards` and `per_reward`; returns the new ids and mask
+        (widened when a redrawn completion is longer than every earlier one).
+        """
+        G, n = self.G, ids.shape[0]
+        new_ids, new_mask, new_texts = self._sample(self._select_prompts(inputs, prompts))
+        rows = [p * G + g for p in prompts for g in range(G)]  # their rows in the rollout
+        new_rewards, new_parts = score(new_texts, [answers[r] for r in rows], self.reward_weights)
+        both_ids = pad_right([ids, new_ids], self.tokenizer.pad_token_id)  # (n + len(rows), L')
+        both_mask = pad_right([mask, new_mask], 0)
+        ids, mask = both_ids[:n].clone(), both_mask[:n].clone()  # (n, L')
+        ids[rows], mask[rows] = both_ids[n:], both_mask[n:]
+        for j, r in enumerate(rows):
+            texts[r] = new_texts[j]
+        rewards[rows] = new_rewards
+        for name in per_reward:
+            per_reward[name][rows] = new_parts[name]
+        return ids, mask
+
+    def _logprobs(self, model, rollout: Rollout, rows: list[int]) -> torch.Tensor:
+        return completion_logprobs(
+            model,
+            rollout.input_ids[rows],
+            rollout.attention_mask[rows],
+            rollout.pixels_of(rows).to(model.dtype),
+            rollout.completion_mask[rows],
+            temperature=self.sampling["temperature"],
+            chunk_size=self.logprob_chunk_size,
+        )  # (len(rows), L)
 
     def _image_spec(self) -> tuple[int, int]:
         cfg = self.model.config
@@ -252,60 +363,23 @@ class GRPOModule(ScreeningModule):
             "pixel_values": torch.cat([per_prompt[p] for p in prompts]),
         }
 
-    def training_step(self, batch: dict, batch_idx: int) -> None:
-        t0 = time.perf_counter()
-        rollout = self.rollout(batch)
-        t_rollout = time.perf_counter() - t0
-        opt = self.optimizers()
-        sched = self.lr_schedulers()
-        n_tokens = rollout.completion_mask.sum()
-        for _ in range(self.num_iterations):
-            stats_sum: dict[str, float] = {}
-            for rows in self._minibatches(rollout.size):
-                logprobs = self._logprobs(self.model, rollout, rows)
-                mask = rollout.completion_mask[rows]
-                old = (
-                    rollout.old_logprobs[rows]
-                    if rollout.old_logprobs is not None
-                    else logprobs.detach()
-                )
-                ref = rollout.ref_logprobs[rows] if rollout.ref_logprobs is not None else None
-                loss, stats = policy_loss(
-                    logprobs,
-                    old,
-                    ref,
-                    rollout.advantages[rows],
-                    mask,
-                    clip_eps=self.clip_eps,
-                    clip_eps_high=self.clip_eps_high,
-                    beta=self.beta,
-                    level=self.loss_level,
-                    agg=self.loss_agg,
-                )
-                # Weight each mini-batch by its share of what the full-batch loss averages over.
-                share = (
-                    (mask.sum() / n_tokens.clamp(min=1))
-                    if self.loss_agg == "token_mean"
-                    else torch.tensor(len(rows) / rollout.size)
-                )
-                self.manual_backward(loss * share)
-                for k, v in {"loss": loss, **stats}.items():
-                    stats_sum[k] = stats_sum.get(k, 0.0) + float(v) * float(share)
-            if self.max_grad_norm:
-                self.clip_gradients(
-                    opt, gradient_clip_val=self.max_grad_norm, gradient_clip_algorithm="norm"
-                )
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-        sched.step()
-        self._log_step(rollout, stats_sum, t_rollout, time.perf_counter() - t0 - t_rollout)
-
     # -- logging ----------------------------------------------------------------------------------
     def _log_step(
-        self, rollout: Rollout, stats: dict[str, float], t_rollout: float, t_update: float
+        self,
+        rollout: Rollout,
+        stats: dict[str, float],
+        lr: float,
+        t_rollout: float,
+        t_update: float,
     ) -> None:
-        lengths = rollout.completion_mask.sum(1).float()
-        max_new = self.sampling["max_new_tokens"]
+        lengths = rollout.completion_mask.sum(1).float()  # (B*G,)
+        ids = rollout.input_ids[:, -rollout.completion_mask.shape[1] :]  # (B*G, L)
+        last = ids.gather(1, (lengths.long() - 1).clamp(min=0)[:, None]).squeeze(1)  # (B*G,)
+        # clipped: cut by max_new_tokens, not ended by eos (a stop string ending exactly at the
+        # limit also counts)
+        clipped = (lengths >= self.sampling["max_new_tokens"]) & (
+            last != self.tokenizer.eos_token_id
+        )
         values = {
             "train/loss": stats["loss"],
             "train/reward/total": rollout.rewards.mean(),
@@ -316,34 +390,40 @@ class GRPOModule(ScreeningModule):
             .mean(),
             "train/completion_length/mean": lengths.mean(),
             "train/completion_length/max": lengths.max(),
-            "train/completion_length/clipped_frac": (lengths >= max_new).float().mean(),
-            "train/lr": self.lr_schedulers().get_last_lr()[0],
+            "train/completion_length/clipped_frac": clipped.float().mean(),
+            "train/lr": lr,
             "train/time/rollout": t_rollout,
             "train/time/update": t_update,
         }
+        if self.resample_zero_variance:
+            values["train/zero_variance_groups_sampled"] = rollout.zero_variance_sampled
         for name, r in rollout.per_reward.items():
             values[f"train/reward/{name}"] = r.mean()
             values[f"train/reward/{name}_std"] = r.std()
         for k in ("kl", "clip_frac", "clip_frac_low", "clip_frac_high", "ratio_mean"):
             if k in stats:
                 values[f"train/{k}"] = stats[k]
-        self.log_dict(
-            {k: float(v) for k, v in values.items()}, prog_bar=False, batch_size=rollout.size
-        )
+        self.log_dict({k: float(v) for k, v in values.items()}, batch_size=rollout.size)
         self.log(
             "train/reward", float(rollout.rewards.mean()), prog_bar=True, batch_size=rollout.size
         )
-        if (
-            self.log_completions_every_n_steps
-            and self.global_step % self.log_completions_every_n_steps == 0
-        ):
-            self._log_completions(rollout)
 
-    def _log_completions(self, rollout: Rollout, n: int = 8) -> None:
-        rewards = rollout.rewards.tolist()
-        rows = [list(r) for r in zip(rollout.texts, rollout.answers, rewards, strict=True)][:n]
+    def _log_completions(self, rollout: Rollout) -> None:
+        """A W&B table of the first prompts' G completions with their rewards."""
+        n = min(rollout.size, self.log_completions_prompts * self.G)
+        names = list(rollout.per_reward)
+        columns = ["step", "prompt", "answer", "completion", "reward", *names]
+        data = [
+            [
+                self.global_step,
+                r // self.G,
+                rollout.answers[r],
+                rollout.texts[r],
+                float(rollout.rewards[r]),
+                *(float(rollout.per_reward[k][r]) for k in names),
+            ]
+            for r in range(n)
+        ]
         for lg in self.loggers:
             if hasattr(lg, "log_table"):
-                lg.log_table(
-                    key="train/completions", columns=["completion", "answer", "reward"], data=rows
-                )
+                lg.log_table(key="train/completions", columns=columns, data=data)

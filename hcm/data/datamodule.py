@@ -1,0 +1,249 @@
+"""The LightningDataModule: splits on disk (or the synthetic stream) to model-ready batches.
+
+`mode` follows the stage: "sft" yields SFT items (sources of Table 5), "grpo" yields generation
+prompts with their answers, ordered by the hard-case sampler (all data for `switch_epoch`
+epochs, then the configured composition, Table 7). Validation and test always yield prompts of
+the test split, scored with the section-5.1 metric.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+from torch.utils.data import DataLoader
+
+from hcm.data.datasets import (
+    SFT_SOURCES,
+    PromptCollator,
+    SampleDataset,
+    SFTCollator,
+    SFTDataset,
+    StreamDataset,
+)
+from hcm.data.records import ScreeningRecord, load_manifest, manifest_hash
+from hcm.data.sampler import HardCaseSampler
+from hcm.prompts import Prompt
+
+log = logging.getLogger(__name__)
+
+
+class ScreeningDataModule(L.LightningDataModule):
+    def __init__(
+        self,
+        root: str,
+        mode: str,
+        model: dict,
+        prompt: dict,
+        image_layout: str = "grid",
+        sft_sources: Sequence[str] = ("answer_cot",),
+        train_split: str = "train",
+        eval_split: str = "test",
+        batch_size: int = 8,
+        eval_batch_size: int = 8,
+        num_workers: int = 0,
+        limit_eval: int | None = None,
+        skip_invalid: bool = False,
+        check_images: bool = True,
+        switch_epoch: int = 3,
+        composition: str = "all",
+        seed: int = 0,
+        synthetic: dict | None = None,
+        streaming: bool = False,
+        samples_per_epoch: int = 1024,
+    ):
+        super().__init__()
+        if mode not in ("sft", "grpo", "eval"):
+            raise ValueError(f"data.mode must be sft, grpo or eval, got {mode!r}")
+        unknown = sorted(set(sft_sources) - set(SFT_SOURCES))
+        if unknown:
+            raise ValueError(
+                f"data.sft_sources has unknown {unknown}; expected {sorted(SFT_SOURCES)}"
+            )
+        self.root = Path(root)
+        self.mode, self.model_cfg = mode, dict(model)
+        self.prompt = Prompt(**dict(prompt))
+        self.image_layout, self.sft_sources = image_layout, list(sft_sources)
+        self.train_split, self.eval_split = train_split, eval_split
+        self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
+        self.num_workers, self.limit_eval, self.skip_invalid = num_workers, limit_eval, skip_invalid
+        self.check_images = check_images
+        self.switch_epoch, self.composition, self.seed = switch_epoch, composition, seed
+        self.synthetic = dict(synthetic) if synthetic else None
+        if streaming and self.synthetic is None:
+            raise ValueError(
+                "data.streaming draws from the synthetic generator: use data=synthetic"
+            )
+        if streaming and composition != "all":
+            raise ValueError(
+                "data.streaming has no fixed training set to mine: use composition=all"
+            )
+        self.streaming, self.samples_per_epoch = streaming, samples_per_epoch
+        self.hard_indices: list[int] | None = None  # set by mining, or restored from a checkpoint
+        self.records: dict[str, list[ScreeningRecord]] = {}
+
+    # -- data on disk ------------------------------------------------------------------------
+    def prepare_data(self) -> None:
+        """Generate the synthetic benchmark into `root` when it is configured and missing."""
+        if self.synthetic is None:
+            return
+        from hcm.data import synthetic
+
+        cfg = synthetic.SyntheticConfig(**self.synthetic.get("generator", {}))
+        sizes, seed = dict(self.synthetic["sizes"]), self.synthetic.get("seed", 0)
+        if not synthetic.dataset_complete(self.root, sizes, cfg, seed):
+            log.info("generating the synthetic screening benchmark into %s", self.root)
+            synthetic.write_dataset(
+                self.root, sizes, cfg, seed, workers=self.synthetic.get("workers", 1)
+            )
+
+    def manifest(self, split: str) -> Path:
+        path = self.root / f"{split}.jsonl"
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"{path} not found: data.root must hold one JSONL manifest per split "
+                f"(see hcm/data/records.py), or use data=synthetic to generate one"
+            )
+        return path
+
+    def load(self, split: str) -> list[ScreeningRecord]:
+        if split not in self.records:
+            records, report = load_manifest(
+                self.manifest(split), skip_invalid=self.skip_invalid, check_images=self.check_images
+            )
+            for err in report.skipped:
+                log.warning("skipped invalid record: %s", err)
+            if report.skipped:
+                log.warning("%s: skipped %d invalid record(s)", report.path, len(report.skipped))
+            self.records[split] = records
+        return self.records[split]
+
+    def manifest_hashes(self) -> dict[str, str]:
+        """sha256 of each manifest this stage reads: recorded with the stage's outputs."""
+        return {split: manifest_hash(self.manifest(split)) for split in self.records}
+
+    # -- model-side processing -----------------------------------------------------------------
+    def _builder(self) -> Any:
+        from transformers import AutoConfig
+
+        from hcm.model.inputs import InputBuilder
+        from hcm.model.loading import load_image_processor, load_tokenizer, resolve_name_or_path
+
+        path = resolve_name_or_path(self.model_cfg["name_or_path"], self.model_cfg.get("tiny"))
+        trust = self.model_cfg.get("trust_remote_code", False)
+        return InputBuilder(
+            load_tokenizer(path, trust_remote_code=trust),
+            load_image_processor(path, trust_remote_code=trust),
+            max_patches=self.model_cfg.get("max_patches", 1),
+            image_seq_length=AutoConfig.from_pretrained(
+                path, trust_remote_code=trust
+            ).image_seq_length,
+        )
+
+    def setup(self, stage: str | None = None) -> None:
+        from hcm.model.chat import screening_messages
+
+        builder = self._builder()
+        args = (builder, self.prompt, self.image_layout, screening_messages)
+        self.sft_collate, self.prompt_collate = SFTCollator(*args), PromptCollator(*args)
+        if self.mode == "sft" and stage in (None, "fit"):
+            by_source = {s: self.load(SFT_SOURCES[s]) for s in self.sft_sources}
+            self.sft_dataset = SFTDataset(by_source)
+            if len(self.sft_dataset) == 0:
+                raise ValueError(f"no SFT items for sources {self.sft_sources} under {self.root}")
+        if self.mode == "grpo" and stage in (None, "fit"):
+            self.train_dataset = SampleDataset(self.load(self.train_split))
+        self.eval_dataset = SampleDataset(self.load(self.eval_split)[: self.limit_eval])
+
+    def set_hard_cases(self, indices: Sequence[int]) -> None:
+        """Hard-case indices into the train split, from mining (hcm.mining)."""
+        self.hard_indices = sorted(indices)
+
+    @property
+    def hard_indices_known(self) -> bool:
+        return self.hard_indices is not None
+
+    def state_dict(self) -> dict[str, Any]:
+        # Saved in every checkpoint: a resumed run keeps the hard set its first run mined.
+        return {"hard_indices": self.hard_indices}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.hard_indices = state.get("hard_indices")
+
+    def _sampler(self, epoch: int) -> HardCaseSampler:
+        if self.hard_indices is None and self.composition != "all":
+            raise RuntimeError(
+                f"composition {self.composition!r} needs hard cases: mine them first"
+            )
+        trainer = self.trainer
+        sampler = HardCaseSampler(
+            len(self.train_dataset),
+            self.hard_indices or [],
+            switch_epoch=self.switch_epoch,
+            composition=self.composition,
+            seed=self.seed,
+            num_replicas=trainer.world_size if trainer else 1,
+            rank=trainer.global_rank if trainer else 0,
+        )
+        sampler.set_epoch(epoch)
+        return sampler
+
+    def train_batches(self, epochs: int) -> int:
+        """Optimizer steps over `epochs` GRPO epochs: epoch lengths change at switch_epoch."""
+        sampler = self._sampler(0)
+        return sum(-(-sampler.epoch_length(e) // self.batch_size) for e in range(epochs))
+
+    def _loader(self, dataset, batch_size, collate, shuffle=False, sampler=None) -> DataLoader:
+        return DataLoader(
+            dataset,
+            batch_size=batch_size,
+            shuffle=shuffle,
+            sampler=sampler,
+            collate_fn=collate,
+            num_workers=self.num_workers,
+            persistent_workers=False,
+        )
+
+    def _stream(self):
+        """Fresh synthetic samples every step; a new draw each epoch (science-notes.md)."""
+        from hcm.data.synthetic import SyntheticConfig, SyntheticStream
+
+        trainer = self.trainer
+        stream = SyntheticStream(
+            SyntheticConfig(**self.synthetic.get("generator", {})),
+            seed=self.synthetic.get("seed", 0) + 1,  # never the fixed splits' samples
+            samples_per_epoch=self.samples_per_epoch,
+            rank=trainer.global_rank if trainer else 0,
+            world_size=trainer.world_size if trainer else 1,
+        )
+        stream.set_epoch(trainer.current_epoch if trainer else 0)
+        per_rank = self.samples_per_epoch // (trainer.world_size if trainer else 1)
+        return StreamDataset(stream, per_rank, self.sft_sources if self.mode == "sft" else ())
+
+    def train_dataloader(self) -> DataLoader:
+        if self.streaming:
+            if self.trainer and self.trainer.reload_dataloaders_every_n_epochs != 1:
+                raise ValueError(
+                    "data.streaming needs trainer.reload_dataloaders_every_n_epochs=1, "
+                    "or every epoch would draw the same samples"
+                )
+            collate = self.sft_collate if self.mode == "sft" else self.prompt_collate
+            return self._loader(self._stream(), self.batch_size, collate)
+        if self.mode == "sft":
+            return self._loader(self.sft_dataset, self.batch_size, self.sft_collate, shuffle=True)
+        if self.mode != "grpo":
+            raise RuntimeError(f"data.mode={self.mode!r} has no training data")
+        trainer = self.trainer
+        sampler = self._sampler(trainer.current_epoch if trainer else 0)
+        return self._loader(
+            self.train_dataset, self.batch_size, self.prompt_collate, sampler=sampler
+        )
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.eval_dataset, self.eval_batch_size, self.prompt_collate)
+
+    def test_dataloader(self) -> DataLoader:
+        return self.val_dataloader()

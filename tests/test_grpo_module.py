@@ -1,0 +1,406 @@
+"""GRPOModule on the tiny model, built from the real composed config (experiment=tiny_grpo):
+rollout layout and masks, banned image tokens, mini-batch gradients, mu > 1, the reference model,
+DAPO's redraw, checkpoints and what is logged."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hydra.utils import instantiate
+from lightning.pytorch.loggers import Logger
+from PIL import Image
+from torch import nn
+
+import hcm.modules.grpo as grpo_module
+from hcm.grpo import group_advantages
+from hcm.model.generation import banned_token_ids
+from hcm.modules.grpo import loss_share, minibatches, pad_right
+from hcm.rewards import score
+
+G = 4
+# Short prompts and one tile per image keep a step on the tiny model well under a second.
+FAST = [
+    "experiment=tiny_grpo",
+    "prompt.user='Original <image> Generated <image> Answer:'",
+    "model.max_patches=1",
+    "module.sampling.max_new_tokens=6",
+    "trainer.limit_val_batches=0",
+]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # Tiny matmuls on shared cores: intra-op threads only add contention (7x slower here).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def build(compose_cfg, *overrides: str):
+    cfg = compose_cfg("train", [*FAST, *overrides])
+    dm = instantiate(cfg.data, _convert_="all")
+    dm.prepare_data()
+    dm.setup("fit")
+    module = instantiate(cfg.module, _convert_="all")
+    module.configure_model()
+    return cfg, dm, module
+
+
+def first_prompts(dm, n: int = 2) -> dict:
+    return dm.prompt_collate([dm.train_dataset[i] for i in range(n)])
+
+
+def uneven_prompts(dm) -> dict:
+    """Two prompts of different lengths (left padding) and tile counts (3 and 1)."""
+    rng = np.random.default_rng(0)
+
+    def conv(h, w, text):
+        image = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+        content = [{"type": "image", "image": image}, {"type": "text", "text": text}]
+        return [{"role": "user", "content": content}]
+
+    builder = dm.prompt_collate.builder
+    inputs = builder.encode(
+        [conv(56, 112, "Which of the four candidates is fine?"), conv(56, 56, "A")],
+        add_generation_prompt=True,
+        padding_side="left",
+    )
+    return {"inputs": inputs, "answers": ["A", "BC"]}
+
+
+def banned_in_completions(rollout, banned: list[int]) -> set[int]:
+    ids = rollout.input_ids[:, -rollout.completion_mask.shape[1] :]
+    return set(ids[rollout.completion_mask.bool()].tolist()) & set(banned)
+
+
+def favour(module, token_ids: list[int], bias: float = 30.0) -> None:
+    """Add `bias` to the policy's logits of `token_ids` at every position."""
+    old = module.model.lm_head
+    head = nn.Linear(old.in_features, old.out_features, bias=True)
+    with torch.no_grad():
+        head.weight.copy_(old.weight)
+        head.bias.zero_()
+        head.bias[token_ids] = bias
+    module.model.lm_head = head
+
+
+def backward_without_trainer(module) -> None:
+    # manual_backward needs a Trainer; outside one it is a plain backward.
+    module.manual_backward = lambda loss: loss.backward()
+
+
+def vary_lengths(rollout, lengths: list[int]) -> None:
+    """Cut row i of the rollout to lengths[i] completion tokens (a valid, shorter rollout)."""
+    L = rollout.completion_mask.shape[1]
+    for i, n in enumerate(lengths):
+        rollout.completion_mask[i, n:] = 0
+        rollout.attention_mask[i, -L + n :] = 0
+
+
+# -- pure helpers ----------------------------------------------------------------------------------
+def test_minibatches_cover_rows_in_order():
+    assert minibatches(8, 3) == [[0, 1, 2], [3, 4, 5], [6, 7]]
+    assert minibatches(8, None) == [list(range(8))]
+    assert minibatches(4, 8) == [[0, 1, 2, 3]]
+
+
+@pytest.mark.parametrize(
+    ("agg", "expected"),
+    [("sequence_mean", 2 / 8), ("token_mean", 5 / 20)],  # 2 of 8 rows; 5 of 20 tokens
+)
+def test_loss_share(agg, expected):
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]])
+    assert loss_share(mask, 8, 20, agg) == pytest.approx(expected)
+
+
+def test_pad_right_widens_to_the_longest():
+    out = pad_right([torch.ones(2, 3, dtype=torch.long), torch.full((1, 5), 7)], value=0)
+    assert out.tolist() == [[1, 1, 1, 0, 0], [1, 1, 1, 0, 0], [7, 7, 7, 7, 7]]
+
+
+# -- rollout ---------------------------------------------------------------------------------------
+def test_rollout_layout_and_masks(compose_cfg):
+    _, dm, module = build(compose_cfg, "model.max_patches=4")
+    batch = uneven_prompts(dm)
+    inputs = batch["inputs"]
+    assert (inputs["attention_mask"][1] == 0).any()  # prompt 1 is left-padded
+    torch.manual_seed(0)
+    r = module.rollout(batch)
+    P = inputs["input_ids"].shape[1]
+    L = r.completion_mask.shape[1]
+    assert r.size == 2 * G and r.input_ids.shape == (8, P + L) and L <= 6
+    # rows [p0c0..p0c3, p1c0..p1c3]: each row starts with its prompt, with its image tiles
+    for i in range(8):
+        assert torch.equal(r.input_ids[i, :P], inputs["input_ids"][i // G])
+        assert torch.equal(r.attention_mask[i, :P], inputs["attention_mask"][i // G])
+    assert r.tiles == [3] * G + [1] * G
+    tiles = inputs["pixel_values"].split([3, 1])
+    for i in range(8):
+        assert torch.equal(r.pixels_of([i]), tiles[i // G])
+    assert r.answers == ["A"] * G + ["BC"] * G
+    # completions: right-padded, the attention mask's tail, pad where masked, decoded texts
+    mask = r.completion_mask
+    assert torch.equal(r.attention_mask[:, P:], mask)
+    assert (mask.sum(1) >= 1).all()
+    assert torch.equal(mask, mask.sort(dim=1, descending=True).values)
+    completion = r.input_ids[:, P:]
+    assert (completion[mask == 0] == module.tokenizer.pad_token_id).all()
+    for i in range(8):
+        text = module.tokenizer.decode(completion[i][mask[i].bool()], skip_special_tokens=True)
+        assert text == r.texts[i]
+    # rewards and advantages of these texts (eq. 2 per group of G)
+    rewards, parts = score(r.texts, r.answers, module.reward_weights)
+    assert torch.equal(r.rewards, rewards) and set(r.per_reward) == set(parts)
+    assert torch.equal(r.advantages, group_advantages(rewards, G))
+    # mu = 1: no stored old log-probs; the reference is the initial policy
+    assert r.old_logprobs is None and r.ref_logprobs.shape == (8, L)
+    with torch.no_grad():
+        policy = module._logprobs(module.model, r, list(range(8)))
+    m = mask.bool()
+    torch.testing.assert_close(r.ref_logprobs[m], policy[m])
+    assert (r.ref_logprobs[m] < 0).all()
+
+
+def test_rollout_never_samples_image_tokens(compose_cfg):
+    _, dm, module = build(compose_cfg, "module.resample_zero_variance=2")
+    banned = banned_token_ids(module.tokenizer)
+    favour(module, banned)
+    batch = first_prompts(dm)
+    with torch.no_grad():
+        last = module.model(**batch["inputs"]).logits[:, -1]  # (B, V)
+    assert set(last.argmax(-1).tolist()) <= set(banned)  # unmasked, these would be sampled
+    torch.manual_seed(0)
+    r = module.rollout(batch)  # all groups score 0: the redraw path samples too
+    assert r.zero_variance_sampled == 1.0
+    assert not banned_in_completions(r, banned)
+    assert r.completion_mask.sum() > 0
+
+
+def test_resample_redraws_only_zero_variance_groups(compose_cfg, monkeypatch):
+    _, dm, module = build(compose_cfg, "module.resample_zero_variance=3")
+    draws = []
+    sample = module._sample
+
+    def spy(inputs):
+        draws.append((inputs, sample(inputs)))
+        return draws[-1][1]
+
+    rewards = iter([[0, 0, 0, 0, 0, 1, 0, 1], [1, 0, 0, 0]])  # group 0 flat, then not
+
+    def fake_score(texts, answers, weights):
+        total = torch.tensor(next(rewards), dtype=torch.float32)
+        assert len(total) == len(texts)
+        return total, {"fake": total.clone()}
+
+    monkeypatch.setattr(module, "_sample", spy)
+    monkeypatch.setattr(grpo_module, "score", fake_score)
+    batch = first_prompts(dm)
+    torch.manual_seed(0)
+    r = module.rollout(batch)
+    assert len(draws) == 2  # the redraw gave group 0 variance: no third draw
+    redo_inputs, (redo_ids, redo_mask, redo_texts) = draws[1]
+    assert torch.equal(redo_inputs["input_ids"], batch["inputs"]["input_ids"][[0]])
+    tiles0 = module._tiles(batch["inputs"]["input_ids"])[0]
+    assert torch.equal(redo_inputs["pixel_values"], batch["inputs"]["pixel_values"][:tiles0])
+    first_ids, _, first_texts = draws[0][1]
+    P, w = batch["inputs"]["input_ids"].shape[1], redo_ids.shape[1]
+    assert r.texts == redo_texts + first_texts[G:]
+    assert torch.equal(r.input_ids[:G, P : P + w], redo_ids)
+    assert torch.equal(r.completion_mask[:G, :w], redo_mask)
+    assert torch.equal(r.input_ids[G:, P : P + first_ids.shape[1]], first_ids[G:])
+    assert r.rewards.tolist() == [1, 0, 0, 0, 0, 1, 0, 1]
+    assert r.per_reward["fake"].tolist() == r.rewards.tolist()
+    assert r.zero_variance_sampled == 0.5
+    assert (r.advantages[:G] != 0).any()
+
+
+# -- the update ------------------------------------------------------------------------------------
+def grads(module) -> dict[str, torch.Tensor]:
+    return {n: p.grad.clone() for n, p in module.model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("agg", ["sequence_mean", "token_mean"])
+def test_minibatch_gradient_equals_full_batch(compose_cfg, monkeypatch, agg):
+    _, dm, module = build(compose_cfg, f"module.loss_agg={agg}", "module.beta=0.04")
+    module.model.double()
+    module.ref_model.double()
+    with torch.no_grad():  # policy != reference, so the KL term has a gradient too
+        module.model.lm_head.weight.add_(0.05 * torch.randn_like(module.model.lm_head.weight))
+    backward_without_trainer(module)
+    torch.manual_seed(0)
+    r = module.rollout(first_prompts(dm))
+    vary_lengths(r, [1, 6, 2, 5, 3, 6, 4, 1])  # unequal lengths tell the two weightings apart
+    r.advantages = torch.randn(8, dtype=torch.float64)  # a signal, whatever the rewards
+
+    def accumulated(size):
+        module.model.zero_grad(set_to_none=True)
+        module.mini_batch_size = size
+        stats = module.accumulate_gradients(r)
+        return stats, grads(module)
+
+    full_stats, full = accumulated(None)
+    mini_stats, mini = accumulated(3)  # mini-batches of 3, 3 and 2 completions
+    assert full and any(g.abs().max() > 0 for g in full.values())
+    for name, g in full.items():
+        torch.testing.assert_close(mini[name], g, rtol=1e-9, atol=1e-12)
+    for key in ("loss", "kl", "clip_frac", "ratio_mean"):
+        assert mini_stats[key] == pytest.approx(full_stats[key], rel=1e-9, abs=1e-12)
+
+    # the other aggregation's weights would give another gradient: the check can fail
+    other = "token_mean" if agg == "sequence_mean" else "sequence_mean"
+    monkeypatch.setattr(
+        grpo_module, "loss_share", lambda mask, n, tokens, _agg: loss_share(mask, n, tokens, other)
+    )
+    _, wrong = accumulated(3)
+    assert not all(torch.allclose(wrong[n], g, rtol=1e-6) for n, g in full.items())
+
+
+def test_mu_above_one_uses_the_rollout_policy_logprobs(compose_cfg, monkeypatch):
+    _, dm, module = build(compose_cfg, "module.num_iterations=2", "module.beta=0.0")
+    backward_without_trainer(module)
+    seen = []
+    loss_fn = grpo_module.policy_loss
+
+    def spy(logprobs, old, *args, **kwargs):
+        seen.append((logprobs.detach().clone(), old))
+        return loss_fn(logprobs, old, *args, **kwargs)
+
+    monkeypatch.setattr(grpo_module, "policy_loss", spy)
+    torch.manual_seed(0)
+    r = module.rollout(first_prompts(dm))
+    assert r.old_logprobs is not None and r.ref_logprobs is None
+    r.advantages = torch.randn(8)
+    opt = torch.optim.Adam(module.model.parameters(), lr=1e-2)
+    first = module.accumulate_gradients(r)
+    opt.step()
+    opt.zero_grad()
+    second = module.accumulate_gradients(r)
+    m = r.completion_mask.bool()
+    assert first["ratio_mean"] == pytest.approx(1.0, abs=1e-5)  # same weights as the rollout
+    assert abs(second["ratio_mean"] - 1.0) > 1e-3  # pi_theta moved away from pi_old
+    assert seen[0][1] is not None and torch.equal(seen[1][1], r.old_logprobs)
+    assert (seen[1][0][m] - r.old_logprobs[m]).abs().max() > 1e-3
+    assert "kl" not in second
+
+
+def test_reference_model_only_with_beta(compose_cfg):
+    _, dm, module = build(compose_cfg, "module.beta=0.0")
+    assert module.ref_model is None
+    torch.manual_seed(0)
+    assert module.rollout(first_prompts(dm)).ref_logprobs is None
+    _, _, with_kl = build(compose_cfg, "module.beta=0.04")
+    ref = with_kl.ref_model
+    assert ref is not None and not ref.training
+    assert not any(p.requires_grad for p in ref.parameters())
+
+
+# -- through a Trainer -----------------------------------------------------------------------------
+class Recorder(Logger):
+    """A logger that keeps what it is given, W&B's log_table included."""
+
+    def __init__(self):
+        super().__init__()
+        self.metrics: list[dict[str, float]] = []
+        self.tables: list[dict] = []
+
+    name, version = "recorder", "0"
+
+    def log_hyperparams(self, params, *args, **kwargs):
+        pass
+
+    def log_metrics(self, metrics, step=None):
+        self.metrics.append(dict(metrics))
+
+    def log_table(self, key, columns, data):
+        self.tables.append({"key": key, "columns": columns, "data": data})
+
+
+def fit(cfg, dm, module, steps: int, logger=False, ckpt_path=None):
+    trainer = instantiate(
+        cfg.trainer,
+        logger=logger,
+        callbacks=[],
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        max_steps=steps,
+    )
+    trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
+    return trainer
+
+
+LOGGED = {
+    "train/loss",
+    "train/reward/total",
+    "train/reward/total_std",
+    "train/reward/format",
+    "train/reward/format_std",
+    "train/reward/dpa",
+    "train/reward/dpa_std",
+    "train/advantage_std",
+    "train/zero_variance_groups",
+    "train/zero_variance_groups_sampled",
+    "train/kl",
+    "train/clip_frac",
+    "train/completion_length/mean",
+    "train/completion_length/max",
+    "train/completion_length/clipped_frac",
+    "train/lr",
+    "train/time/rollout",
+    "train/time/update",
+}
+
+
+@pytest.mark.slow
+def test_fit_logs_every_step_and_checkpoints_without_reference(compose_cfg, tmp_path):
+    overrides = [
+        "module.mini_batch_size=3",
+        "module.resample_zero_variance=1",
+        "module.log_completions_every_n_steps=1",
+        "module.optimizer.lr=1.0e-3",
+    ]
+    cfg, dm, module = build(compose_cfg, *overrides)
+    recorder = Recorder()
+    trainer = fit(cfg, dm, module, steps=2, logger=recorder)
+    steps = [m for m in recorder.metrics if "train/loss" in m]
+    assert len(steps) == 2
+    for m in steps:
+        assert LOGGED <= set(m), LOGGED - set(m)
+        assert 0 <= m["train/zero_variance_groups"] <= m["train/zero_variance_groups_sampled"]
+        assert 1 <= m["train/completion_length/max"] <= 6
+        assert m["train/kl"] >= 0 and m["train/time/rollout"] > 0
+    assert steps[0]["train/lr"] == pytest.approx(1e-3)  # no warmup: the configured LR
+    assert [t["key"] for t in recorder.tables] == ["train/completions"] * 2
+    table = recorder.tables[0]
+    assert table["columns"][:5] == ["step", "prompt", "answer", "completion", "reward"]
+    assert [row[1] for row in table["data"]] == [0] * G + [1] * G  # 2 prompts x G
+
+    ckpt = tmp_path / "step2.ckpt"
+    trainer.save_checkpoint(ckpt)
+    state = torch.load(ckpt, weights_only=False)["state_dict"]
+    assert not [k for k in state if k.startswith("ref_model.")]
+    assert any(k.startswith("model.") for k in state)
+    trained = {k: v.clone() for k, v in module.model.state_dict().items()}
+
+    # resume: the policy comes from the checkpoint, the reference from the initial model again
+    cfg, dm, resumed = build(compose_cfg, *overrides)
+    initial = {k: v.clone() for k, v in resumed.model.state_dict().items()}
+    loaded = []
+    resumed.on_train_start = lambda: loaded.append(
+        {k: v.clone() for k, v in resumed.model.state_dict().items()}
+    )
+    fit(cfg, dm, resumed, steps=3, ckpt_path=str(ckpt))
+    assert all(torch.equal(loaded[0][k], v) for k, v in trained.items())
+    assert not all(torch.equal(initial[k], v) for k, v in trained.items())
+    ref = resumed.ref_model.state_dict()
+    assert all(torch.equal(ref[k], v) for k, v in initial.items())
+
+    # loading stays strict for the policy: a missing policy weight is an error
+    broken = torch.load(ckpt, weights_only=False)
+    del broken["state_dict"][next(k for k in broken["state_dict"] if k.startswith("model."))]
+    torch.save(broken, tmp_path / "broken.ckpt")
+    cfg, dm, again = build(compose_cfg, *overrides)
+    with pytest.raises(RuntimeError, match="Missing key"):
+        fit(cfg, dm, again, steps=3, ckpt_path=str(tmp_path / "broken.ckpt"))
