@@ -49,9 +49,21 @@ def wandb_offline() -> bool:
     return not (netrc.is_file() and "api.wandb.ai" in netrc.read_text(errors="ignore"))
 
 
+REPO_DIR = Path(__file__).resolve().parents[1]
+
+
 def register_resolvers() -> None:
-    if not OmegaConf.has_resolver("hcm.wandb_offline"):
-        OmegaConf.register_new_resolver("hcm.wandb_offline", wandb_offline)
+    """`${hcm.wandb_offline:}`, `${hcm.cwd:}` (the launch folder, also where Hydra's own
+    `${hydra:runtime.cwd}` is not yet set: a multirun's sweep dir) and `${hcm.repo_dir:}`
+    (this checkout, whatever the launch folder: where `sweeps/` is searched)."""
+    resolvers = {
+        "hcm.wandb_offline": wandb_offline,
+        "hcm.cwd": os.getcwd,
+        "hcm.repo_dir": lambda: str(REPO_DIR),
+    }
+    for name, fn in resolvers.items():
+        if not OmegaConf.has_resolver(name):
+            OmegaConf.register_new_resolver(name, fn)
 
 
 # -- value predicates ----------------------------------------------------------------------------

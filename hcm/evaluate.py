@@ -16,6 +16,7 @@ import lightning as L
 from hydra.utils import instantiate
 from omegaconf import DictConfig, open_dict
 
+from hcm.checkpoints import CheckpointError, checkpoint_problem
 from hcm.config import validate
 from hcm.data.records import DIMENSIONS, atomic_write_text
 from hcm.modules.base import ScreeningModule
@@ -56,20 +57,30 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     with open_dict(cfg):
         cfg.data.mode = "eval"
     validate(cfg)
+    ckpt = cfg.get("ckpt_path")
+    problem = checkpoint_problem(ckpt) if ckpt and Path(ckpt).is_file() else None
+    if problem:  # say so, rather than torch's "failed finding central directory"
+        raise CheckpointError(f"ckpt_path={ckpt}: {problem}")
     resolve_precision(cfg)
     L.seed_everything(cfg.seed, workers=True)
     output_dir = Path(cfg.paths.output_dir)
     datamodule = instantiate(cfg.data, _convert_="all")
-    module = ScreeningModule(model=cfg.model, eval_generation=dict(cfg.generation))
-    loggers = make_loggers(cfg)
-    try:
-        trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=[])
-        trainer.test(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
-    finally:
-        finish_loggers(loggers)
-    results = module.test_results
+    if cfg.model.get("api"):  # an OpenAI-compatible endpoint answers (Table 3's API models)
+        from hcm.api_eval import evaluate_api
+
+        results, metric = evaluate_api(cfg, datamodule)
+    else:
+        module = ScreeningModule(model=cfg.model, eval_generation=dict(cfg.generation))
+        loggers = make_loggers(cfg)
+        try:
+            trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=[])
+            trainer.test(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+        finally:
+            finish_loggers(loggers)
+        results, metric = module.test_results, module.test_score
     model_name = str(cfg.get("ckpt_path") or cfg.model.name_or_path)
-    table = score_table(
+    render = getattr(metric, "table", score_table)  # the layout of the metric's paper table
+    table = render(
         results,
         Path(model_name).name or model_name,
         cfg.prompt.name.capitalize() if cfg.prompt.name != "cot" else "CoT",

@@ -1,9 +1,11 @@
 """Hard-case mining (section 4.2): the initial policy answers every training sample.
 
-Wrong answers (section-5.1 metric) are hard cases, right ones easy. Greedy by default; with
-`k` > 1 samples per case and a pass-rate threshold, a case is easy when at least
-`pass_threshold` of its answers are right. Each rank answers its shard of the training set;
-the verdicts are gathered, rank 0 writes the cache, and every rank reads the same hard set.
+Wrong answers (section-5.1 metric) are hard cases, right ones easy. Greedy by default (the
+paper); with `k` > 1 samples per case (at `temperature`, full softmax) and a pass-rate threshold,
+a case is easy when at least `pass_threshold` of its answers are right. Answers come from the
+module's `answer`, i.e. `hcm.model.generation.generate`, which never emits image tokens. Each
+rank answers its shard of the training set; the verdicts are summed across ranks, rank 0 writes
+the cache, and every rank returns the same hard set.
 
 The cache (`HardCaseSet`) records the model it came from (a fingerprint of its files), the
 manifest's hash and the mining parameters, and is reused only when all three match. Mining runs
@@ -14,6 +16,7 @@ is what keeps the hard set the initial policy's.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -48,6 +51,34 @@ def model_fingerprint(path: str | Path) -> str:
     return h.hexdigest()
 
 
+def mining_params(
+    module: Any,
+    datamodule: Any,
+    k: int,
+    pass_threshold: float,
+    temperature: float,
+    max_new_tokens: int | None,
+) -> dict[str, Any]:
+    """Everything besides the model and the manifest that decides the hard set: the cache key.
+
+    The prompt enters by its text, not its name, and with the image layout and tiling, since
+    they change what the model sees; the temperature only when sampling (k > 1).
+    """
+    prompt = datamodule.prompt
+    prompt_text = json.dumps([prompt.system, prompt.user])
+    return {
+        "k": k,
+        "pass_threshold": pass_threshold,
+        "greedy": k == 1,
+        "temperature": temperature if k > 1 else None,
+        "max_new_tokens": max_new_tokens or module.eval_generation["max_new_tokens"],
+        "prompt": prompt.name,
+        "prompt_sha256": hashlib.sha256(prompt_text.encode()).hexdigest(),
+        "image_layout": datamodule.image_layout,
+        "max_patches": datamodule.model_cfg.get("max_patches"),
+    }
+
+
 def mine_hard_cases(
     module: Any,
     datamodule: Any,
@@ -58,65 +89,84 @@ def mine_hard_cases(
     max_new_tokens: int | None = None,
     batch_size: int | None = None,
 ) -> list[int]:
-    """Hard-case indices into the train split, from the cache when it matches, else mined."""
+    """Hard-case indices into the train split, from the cache when it matches, else mined.
+
+    `module` is the GRPO LightningModule attached to its Trainer (its `answer` generates, its
+    `model_path` is the initial policy); `datamodule` is set up for fitting.
+    """
+    if k < 1:
+        raise ValueError(f"mining.k must be >= 1, got {k}")
     trainer = module.trainer
     records = datamodule.load(datamodule.train_split)
     ids = [r.id for r in records]
-    model_path = module.model_path
+    model_path = str(module.model_path)
     fingerprint = model_fingerprint(model_path)
     manifest_sha = manifest_hash(datamodule.manifest(datamodule.train_split))
-    params = {
-        "k": k,
-        "pass_threshold": pass_threshold,
-        "greedy": k == 1,
-        "temperature": temperature,
-        "prompt": datamodule.prompt.name,
-        "max_new_tokens": max_new_tokens or module.eval_generation["max_new_tokens"],
-    }
+    params = mining_params(module, datamodule, k, pass_threshold, temperature, max_new_tokens)
     cache = Path(cache_path) if cache_path else Path(trainer.default_root_dir) / "hard_cases.json"
     if cache.is_file():
         cached = HardCaseSet.load(cache)
-        if cached.matches(str(model_path), fingerprint, manifest_sha, params):
+        stale = cached.mismatches(model_path, fingerprint, manifest_sha, params)
+        if not stale:
             log.info(
                 "hard cases from cache %s: %d hard / %d", cache, len(cached.hard_ids), len(ids)
             )
             return cached.indices(ids)
-        log.info(
-            "mining cache %s is stale (%s); mining again",
-            cache,
-            cached.mismatches(str(model_path), fingerprint, manifest_sha, params),
-        )
+        log.info("mining cache %s is stale (%s); mining again", cache, "; ".join(stale))
 
-    rank, world = trainer.global_rank, trainer.world_size
-    shard = list(range(rank, len(records), world))
-    correct = torch.zeros(len(records), k)  # rows of other ranks stay 0
-    collate = datamodule.prompt_collate
-    size = batch_size or datamodule.eval_batch_size
-    gen_kwargs = {"max_new_tokens": params["max_new_tokens"], "do_sample": k > 1}
+    gen_kwargs: dict[str, Any] = {"max_new_tokens": params["max_new_tokens"], "do_sample": k > 1}
     if k > 1:
         gen_kwargs.update(temperature=temperature, num_return_sequences=k)
-    was_training = module.model.training
-    module.model.eval()
-    bar = tqdm(range(0, len(shard), size), desc="mining hard cases", disable=rank != 0)
-    for start in bar:
-        rows = shard[start : start + size]
-        batch = collate([datamodule.train_dataset[i] for i in rows])
-        batch["inputs"] = {k_: v.to(module.device) for k_, v in batch["inputs"].items()}
-        with torch.no_grad():
-            texts = module.answer(batch, **gen_kwargs)
-        for j, i in enumerate(rows):
-            for s in range(k):
-                verdict = is_acceptable(extract_answer(texts[j * k + s]), records[i].answer)
-                correct[i, s] = float(verdict)
-    module.model.train(was_training)
-    if world > 1:  # each row was answered on exactly one rank, so the sum is that rank's verdict
+    correct = answer_shard(
+        module, datamodule, records, k, gen_kwargs, batch_size or datamodule.eval_batch_size
+    )
+    if trainer.world_size > 1:  # each row was answered on exactly one rank: the sum is its verdict
         correct = trainer.strategy.reduce(correct.to(module.device), reduce_op="sum").cpu()
     hard_ids, easy_ids = classify(
         {ids[i]: [bool(c) for c in correct[i].tolist()] for i in range(len(ids))}, pass_threshold
     )
-    found = HardCaseSet(hard_ids, easy_ids, str(model_path), fingerprint, manifest_sha, params)
+    found = HardCaseSet(hard_ids, easy_ids, model_path, fingerprint, manifest_sha, params)
     if trainer.is_global_zero:
         found.save(cache)
     trainer.strategy.barrier("hard-case cache")
     log.info("mined %d hard cases of %d (cache %s)", len(hard_ids), len(ids), cache)
     return found.indices(ids)
+
+
+def answer_shard(
+    module: Any,
+    datamodule: Any,
+    records: list,
+    k: int,
+    gen_kwargs: dict[str, Any],
+    batch_size: int,
+) -> torch.Tensor:
+    """(len(records), k) 1.0 where answer s of case i is right; rows of other ranks stay 0.
+
+    Rank r answers cases r, r + world, ...; a progress bar on rank 0.
+    """
+    trainer = module.trainer
+    rank, world = trainer.global_rank, trainer.world_size
+    shard = list(range(rank, len(records), world))
+    correct = torch.zeros(len(records), k)  # (N, k)
+    # A datamodule may judge answers its own way (the public benchmarks' single-answer rule);
+    # the screening default is the section-5.1 metric.
+    judge = getattr(datamodule, "is_correct", None) or (
+        lambda text, record: is_acceptable(extract_answer(text), record.answer)
+    )
+    was_training = module.model.training
+    module.model.eval()
+    bar = tqdm(range(0, len(shard), batch_size), desc="mining hard cases", disable=rank != 0)
+    for start in bar:
+        rows = shard[start : start + batch_size]
+        batch = datamodule.prompt_collate([datamodule.train_dataset[i] for i in rows])
+        batch["inputs"] = {key: v.to(module.device) for key, v in batch["inputs"].items()}
+        with torch.no_grad():
+            texts = module.answer(batch, **gen_kwargs)  # [c0a0 .. c0a{k-1}, c1a0, ...]
+        if len(texts) != len(rows) * k:
+            raise RuntimeError(f"{len(texts)} answers for {len(rows)} cases x k={k}")
+        for j, i in enumerate(rows):
+            for s in range(k):
+                correct[i, s] = float(judge(texts[j * k + s], records[i]))
+    module.model.train(was_training)
+    return correct

@@ -48,13 +48,26 @@ def dpa_reward(completion: str, answer: str) -> float:
     return len(response) / len(answer)
 
 
+def choice_reward(completion: str, answer: str) -> float:
+    """Single-answer accuracy for the public benchmarks (section 5.4: no DPA there): 1.0 when the
+    response gives the labelled option letter or open answer, as their harnesses read it.
+
+    >>> choice_reward("<answer>(B)</answer>", "B")
+    1.0
+    """
+    from hcm.benchmarks.answers import is_correct
+
+    return 1.0 if is_correct(completion, answer) else 0.0
+
+
 RewardFn = Callable[..., float]
 REWARDS: dict[str, RewardFn] = {
     "format": format_reward,
     "accuracy": accuracy_reward,
     "dpa": dpa_reward,
+    "choice": choice_reward,
 }
-_NEEDS_ANSWER = {"accuracy", "dpa"}
+_NEEDS_ANSWER = {"accuracy", "dpa", "choice"}
 
 
 def score(

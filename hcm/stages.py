@@ -4,12 +4,15 @@ A stage folder holds `checkpoints/last.ckpt` while it trains, then `model/` (a t
 `save_pretrained` folder: the next stage's `model.name_or_path`) and `stage.json` (what it was
 trained from: the init model, the data manifests' hashes, the config and its hash, the metrics).
 `stage.json` is written last and atomically, so its presence means the stage finished.
+A crash anywhere before it leaves the stage unfinished, and the rerun resumes from the checkpoint
+(`last_checkpoint`) and exports again.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import shutil
 import time
 from pathlib import Path
@@ -17,10 +20,19 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from hcm.checkpoints import (
+    CheckpointError,
+    checkpoint_problem,
+    previous_path,
+    remove_temporaries,
+)
 from hcm.config import ConfigError
 from hcm.data.records import atomic_write_text
 
+log = logging.getLogger(__name__)
+
 MARKER = "stage.json"
+
 # The keys that decide what a stage computes; logging, paths and workers don't.
 IDENTITY_KEYS = (
     "model",
@@ -66,21 +78,52 @@ def finished(output_dir: Path, cfg: DictConfig) -> dict[str, Any] | None:
 
 
 def last_checkpoint(cfg: DictConfig, output_dir: Path) -> str | None:
-    """`ckpt_path=last` resumes from this stage's last.ckpt when there is one."""
+    """The checkpoint to resume from: `ckpt_path=last` takes this stage's last.ckpt if whole.
+
+    A last.ckpt that fails its integrity check gives way to last-prev.ckpt (the one it replaced),
+    with a warning; when neither is whole this raises, rather than restart from scratch. Temporary
+    files of writes that a crash interrupted are deleted.
+    """
     ckpt = cfg.get("ckpt_path")
     if ckpt in (None, "none", "null"):
         return None
-    if ckpt == "last":
-        path = Path(output_dir) / "checkpoints" / "last.ckpt"
-        return str(path) if path.is_file() else None
-    if not Path(ckpt).is_file():
-        raise FileNotFoundError(f"ckpt_path={ckpt} does not exist")
-    return str(ckpt)
+    if ckpt != "last":
+        if not Path(ckpt).is_file():
+            raise FileNotFoundError(f"ckpt_path={ckpt} does not exist")
+        problem = checkpoint_problem(ckpt)
+        if problem:
+            raise CheckpointError(f"ckpt_path={ckpt}: {problem}")
+        return str(ckpt)
+    folder = Path(output_dir) / "checkpoints"
+    for stale in remove_temporaries(folder):
+        log.warning("removed %s, left by an interrupted checkpoint write", stale)
+    newest = folder / "last.ckpt"
+    candidates = [p for p in (newest, previous_path(newest)) if p.is_file()]
+    problems = []
+    for path in candidates:
+        problem = checkpoint_problem(path)
+        if problem is None:
+            if problems:
+                log.warning(
+                    "%s; resuming from %s instead (one checkpoint interval earlier)",
+                    "; ".join(problems),
+                    path,
+                )
+            return str(path)
+        problems.append(f"{path} is unusable: {problem}")
+    if problems:
+        raise CheckpointError(
+            "; ".join(problems) + ". Delete that folder (or pass ckpt_path=null) to train this "
+            "stage from its start"
+        )
+    return None
 
 
 def export_model(model, tokenizer, image_processor, output_dir: Path) -> Path:
     """save_pretrained into <output_dir>/model via a temporary folder renamed at the end."""
     target = Path(output_dir) / "model"
+    for stale in Path(output_dir).glob(".model.tmp-*"):  # left by an export a crash interrupted
+        shutil.rmtree(stale, ignore_errors=True)
     tmp = Path(output_dir) / f".model.tmp-{time.time_ns()}"
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)

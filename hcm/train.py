@@ -9,6 +9,9 @@ skips stages whose `stage.json` says they finished with the same config: a rerun
 from __future__ import annotations
 
 import logging
+import os
+import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +33,38 @@ def resolve_precision(cfg: DictConfig) -> None:
 
 
 def make_loggers(cfg: DictConfig) -> list:
-    return [instantiate(c) for c in (cfg.get("logger") or {}).values() if c]
+    loggers = []
+    for c in (cfg.get("logger") or {}).values():
+        if not c:
+            continue
+        if str(c.get("_target_")).endswith("WandbLogger") and wandb_disabled():
+            # WandbLogger's offline mode would overwrite WANDB_MODE and write an offline run
+            log.info("WANDB_MODE=disabled: no W&B logger")
+            continue
+        loggers.append(instantiate(c))
+    for lg in loggers:
+        if type(lg).__name__ == "CSVLogger":
+            keep_csv(Path(lg.log_dir))
+    return loggers
+
+
+def wandb_disabled() -> bool:
+    return os.environ.get("WANDB_MODE", "").lower() == "disabled"
+
+
+def keep_csv(folder: Path) -> None:
+    """Lightning's CSVLogger deletes an existing metrics.csv: a rerun (a resume) would lose the
+    first run's rows. Keep them as metrics-<time>.csv beside the new file."""
+    from lightning.pytorch.utilities import rank_zero_only
+
+    old = folder / "metrics.csv"
+    if old.is_file() and rank_zero_only.rank == 0:  # DDP: every rank makes its loggers
+        stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(old.stat().st_mtime))
+        kept, n = folder / f"metrics-{stamp}.csv", 1
+        while kept.exists():
+            kept, n = folder / f"metrics-{stamp}-{n}.csv", n + 1
+        old.rename(kept)
+        log.info("kept the earlier run's %s as %s", old, kept.name)
 
 
 def make_callbacks(cfg: DictConfig) -> list:
@@ -59,15 +93,20 @@ def run_stage(cfg: DictConfig) -> dict[str, Any]:
         log.info("stage in %s already finished; skipping", output_dir)
         return done.get("metrics", {})
     resolve_precision(cfg)
+    ckpt_path = stages.last_checkpoint(cfg, output_dir)  # checked before anything loads
+    if ckpt_path:
+        log.info("resuming from %s", ckpt_path)
+    # hcm.data.datamodule restores the training order's position itself (Lightning cannot tell),
+    # and GRPO's checkpoint after its optimizer step is the state a resume needs
+    warnings.filterwarnings("ignore", message=".*your dataloader is not resumable.*")
+    warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization")
     L.seed_everything(cfg.seed, workers=True)
     datamodule = instantiate(cfg.data, _convert_="all")
     module = instantiate(cfg.module, _convert_="all")
     loggers = make_loggers(cfg)
     try:
         trainer = instantiate(cfg.trainer, callbacks=make_callbacks(cfg), logger=loggers or False)
-        trainer.fit(
-            module, datamodule=datamodule, ckpt_path=stages.last_checkpoint(cfg, output_dir)
-        )
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
         metrics = metrics_of(trainer)
         if trainer.is_global_zero:
             from hcm.model.loading import load_image_processor

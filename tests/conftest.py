@@ -58,3 +58,46 @@ def compose_cfg(tmp_path) -> Callable[..., DictConfig]:
 
     yield make
     GlobalHydra.instance().clear()
+
+
+@pytest.fixture(scope="session")
+def tiny_path(tmp_path_factory) -> Path:
+    """A tiny random InternVL3 saved like a hub checkpoint, built once per session."""
+    from hcm.model.tiny import ensure_tiny_model
+
+    return ensure_tiny_model(tmp_path_factory.getbasetemp() / "tiny-internvl3")
+
+
+@pytest.fixture(scope="session")
+def tok(tiny_path):
+    from hcm.model.loading import load_tokenizer
+
+    return load_tokenizer(tiny_path)
+
+
+@pytest.fixture(scope="session")
+def prompts(tiny_path, tok) -> dict:
+    """Two left-padded generation prompts, with 3 tiles (56x112: 2 + thumbnail) and 1 tile."""
+    import numpy as np
+    from PIL import Image
+
+    from hcm.model.inputs import InputBuilder
+    from hcm.model.loading import load_image_processor
+
+    rng = np.random.default_rng(0)
+
+    def conv(h, w, text):
+        image = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+        return [
+            {
+                "role": "user",
+                "content": [{"type": "image", "image": image}, {"type": "text", "text": text}],
+            }
+        ]
+
+    builder = InputBuilder(tok, load_image_processor(tiny_path), max_patches=4, image_seq_length=4)
+    return builder.encode(
+        [conv(56, 112, "Which one?"), conv(56, 56, "A")],
+        add_generation_prompt=True,
+        padding_side="left",
+    )

@@ -3,47 +3,15 @@ cache (and compiled decode, opt-in on CPU), shared-image prefill."""
 
 import os
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from hcm.logprobs import completion_logprobs
 from hcm.model.generation import fast_path_options, generate
-from hcm.model.inputs import InputBuilder
-from hcm.model.loading import load_image_processor, load_model, load_tokenizer
-from hcm.model.tiny import build_tiny_model, ensure_tiny_model
+from hcm.model.loading import load_model
+from hcm.model.tiny import build_tiny_model
 from hcm.model.vision_cache import rows_by_prompt, shared_image_logprobs
 from hcm.model.vocab_padding import PaddedHead, pad_lm_head, padded_size
-
-
-@pytest.fixture(scope="session")
-def tiny_path(tmp_path_factory):
-    return ensure_tiny_model(tmp_path_factory.getbasetemp() / "tiny-internvl3")
-
-
-@pytest.fixture(scope="module")
-def tok(tiny_path):
-    return load_tokenizer(tiny_path)
-
-
-@pytest.fixture(scope="module")
-def prompts(tiny_path, tok):
-    """Two left-padded prompts, with 3 tiles (56x112: 2 + thumbnail) and 1 tile."""
-    rng = np.random.default_rng(0)
-
-    def conv(h, w, text):
-        image = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
-        content = [{"type": "image", "image": image}, {"type": "text", "text": text}]
-        return [{"role": "user", "content": content}]
-
-    builder = InputBuilder(tok, load_image_processor(tiny_path), max_patches=4, image_seq_length=4)
-    return builder.encode(
-        [conv(56, 112, "Which one?"), conv(56, 56, "A")],
-        add_generation_prompt=True,
-        padding_side="left",
-    )
-
 
 # ----------------------------------------------------------------- shared image encoding
 
@@ -283,3 +251,13 @@ def test_compiled_decode_equals_the_dynamic_path_greedy(tiny_path, tok, prompts)
         **kwargs,
     )
     assert torch.equal(fast.completion_ids, plain.completion_ids)
+
+
+def test_stop_criteria_are_built_once_per_tokenizer_and_strings(tok):
+    from hcm.model.generation import stop_criteria
+
+    first = stop_criteria(tok, ("</answer>",))[0]
+    assert stop_criteria(tok, ["</answer>"])[0] is first  # reused, not rebuilt per call
+    assert stop_criteria(tok, ("</think>",))[0] is not first
+    assert first.stop_strings == ("</answer>",)
+    assert len(stop_criteria(tok, ())) == 0

@@ -1,52 +1,16 @@
 """Sampling from the tiny InternVL3: banned tokens, stop strings, completion order and masks."""
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 from torch import nn
 
 from hcm.model.generation import banned_token_ids, generate, truncate_completions
-from hcm.model.inputs import InputBuilder
-from hcm.model.loading import load_image_processor, load_model, load_tokenizer
-from hcm.model.tiny import ensure_tiny_model
-
-
-@pytest.fixture(scope="session")
-def tiny_path(tmp_path_factory):
-    return ensure_tiny_model(tmp_path_factory.getbasetemp() / "tiny-internvl3")
-
-
-@pytest.fixture(scope="module")
-def tok(tiny_path):
-    return load_tokenizer(tiny_path)
+from hcm.model.loading import load_model
 
 
 @pytest.fixture(scope="module")
 def model(tiny_path):
     return load_model(tiny_path)
-
-
-@pytest.fixture(scope="module")
-def prompts(tiny_path, tok):
-    """Two left-padded prompts with images of different tile counts."""
-    rng = np.random.default_rng(0)
-
-    def conv(h, w, text):
-        image = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
-        return [
-            {
-                "role": "user",
-                "content": [{"type": "image", "image": image}, {"type": "text", "text": text}],
-            }
-        ]
-
-    builder = InputBuilder(tok, load_image_processor(tiny_path), max_patches=4, image_seq_length=4)
-    return builder.encode(
-        [conv(56, 112, "Which one?"), conv(56, 56, "A")],
-        add_generation_prompt=True,
-        padding_side="left",
-    )
 
 
 def biased(tiny_path, token_ids, bias=30.0):

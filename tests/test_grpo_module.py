@@ -16,7 +16,7 @@ import hcm.modules.grpo as grpo_module
 from hcm.grpo import group_advantages
 from hcm.model.generation import banned_token_ids
 from hcm.modules.grpo import loss_share, minibatches, pad_right
-from hcm.rewards import score
+from hcm.rewards import REWARDS, score
 
 G = 4
 # Short prompts and one tile per image keep a step on the tiny model well under a second.
@@ -280,7 +280,7 @@ def test_mu_above_one_uses_the_rollout_policy_logprobs(compose_cfg, monkeypatch)
     m = r.completion_mask.bool()
     assert first["ratio_mean"] == pytest.approx(1.0, abs=1e-5)  # same weights as the rollout
     assert abs(second["ratio_mean"] - 1.0) > 1e-3  # pi_theta moved away from pi_old
-    assert seen[0][1] is not None and torch.equal(seen[1][1], r.old_logprobs)
+    assert torch.equal(seen[0][1], r.old_logprobs) and torch.equal(seen[1][1], r.old_logprobs)
     assert (seen[1][0][m] - r.old_logprobs[m]).abs().max() > 1e-3
     assert "kl" not in second
 
@@ -339,6 +339,7 @@ LOGGED = {
     "train/reward/format_std",
     "train/reward/dpa",
     "train/reward/dpa_std",
+    "train/reward/letter_e",
     "train/advantage_std",
     "train/zero_variance_groups",
     "train/zero_variance_groups_sampled",
@@ -353,9 +354,16 @@ LOGGED = {
 }
 
 
+def letter_e(completion: str) -> float:
+    """A reward the random tiny model's completions vary in (the format and DPA ones are 0)."""
+    return completion.count("e") / len(completion) if completion else 0.0
+
+
 @pytest.mark.slow
-def test_fit_logs_every_step_and_checkpoints_without_reference(compose_cfg, tmp_path):
+def test_fit_logs_every_step_and_checkpoints_without_reference(compose_cfg, tmp_path, monkeypatch):
+    monkeypatch.setitem(REWARDS, "letter_e", letter_e)
     overrides = [
+        "+module.rewards.letter_e=1.0",
         "module.mini_batch_size=3",
         "module.resample_zero_variance=1",
         "module.log_completions_every_n_steps=1",
@@ -367,7 +375,7 @@ def test_fit_logs_every_step_and_checkpoints_without_reference(compose_cfg, tmp_
     steps = [m for m in recorder.metrics if "train/loss" in m]
     assert len(steps) == 2
     for m in steps:
-        assert LOGGED <= set(m), LOGGED - set(m)
+        assert set(m) >= LOGGED, LOGGED - set(m)
         assert 0 <= m["train/zero_variance_groups"] <= m["train/zero_variance_groups_sampled"]
         assert 1 <= m["train/completion_length/max"] <= 6
         assert m["train/kl"] >= 0 and m["train/time/rollout"] > 0

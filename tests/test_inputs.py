@@ -13,21 +13,10 @@ from PIL import Image
 from hcm.data.records import ScreeningSample
 from hcm.model.chat import make_grid, screening_messages
 from hcm.model.inputs import IGNORE_INDEX, InputBuilder, repeat_batch
-from hcm.model.loading import load_image_processor, load_tokenizer
-from hcm.model.tiny import ensure_tiny_model
+from hcm.model.loading import load_image_processor
 
 SEQ = 4  # image tokens per tile of the tiny model
 CONF = Path(__file__).resolve().parents[1] / "conf" / "prompt"
-
-
-@pytest.fixture(scope="session")
-def tiny_path(tmp_path_factory):
-    return ensure_tiny_model(tmp_path_factory.getbasetemp() / "tiny-internvl3")
-
-
-@pytest.fixture(scope="module")
-def tok(tiny_path):
-    return load_tokenizer(tiny_path)
 
 
 @pytest.fixture(scope="module")

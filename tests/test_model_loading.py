@@ -29,11 +29,6 @@ from hcm.model.tiny import (
 )
 
 
-@pytest.fixture(scope="session")
-def tiny_path(tmp_path_factory):
-    return ensure_tiny_model(tmp_path_factory.getbasetemp() / "tiny-internvl3")
-
-
 @pytest.fixture(scope="module")
 def model(tiny_path):
     return load_model(tiny_path)

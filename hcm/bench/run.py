@@ -94,8 +94,11 @@ def run_bench(cfg: DictConfig) -> dict[str, Any]:
     }
     for side in cfg.sides:
         log.info("bench: %s, %d + %d steps", side, cfg.warmup, cfg.repeats)
+        # what an earlier side left allocated would inflate this side's peaks: recorded
+        before = torch.cuda.memory_allocated() if torch.cuda.is_available() else 0
         clock = runner(side)(cfg, str(path), prompts, cfg.warmup + cfg.repeats)
         summary = summarize(clock.steps, cfg.warmup)
+        summary["allocated_before_bytes"] = before
         counts = summary["counts"]
         flops = forward_flops(
             config,

@@ -1,1 +1,1 @@
-"""Public benchmarks of section 5.4 (RealWorldQA, MuirBench, BLINK) on the same train/eval machinery."""
+"""Public benchmarks of section 5.4 (RealWorldQA, MuirBench, BLINK) on the same machinery."""

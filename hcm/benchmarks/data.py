@@ -24,12 +24,12 @@ from hcm.prompts import split_on_images
 
 @dataclass(frozen=True)
 class BenchmarkPrompt:
-    """How a question is asked: `template` wraps the question text (`{question}`), `target` the
-    SFT answer (`{answer}`); `remove` lists phrases dropped from questions first (RealWorldQA's
-    "answer directly" instruction, under the CoT prompt)."""
+    """How a question is asked: `user` is the user turn around the question text (`{question}`),
+    `target` the SFT answer (`{answer}`); `remove` lists phrases dropped from questions first
+    (RealWorldQA's "answer directly" instruction, under the CoT prompt)."""
 
     name: str
-    template: str = "{question}"
+    user: str = "{question}"
     target: str = "{answer}"
     remove: tuple[str, ...] = ()
     system: str | None = None
@@ -37,7 +37,7 @@ class BenchmarkPrompt:
     def text(self, question: str) -> str:
         for phrase in self.remove:
             question = question.replace(phrase, "")
-        return self.template.replace("{question}", question.strip())
+        return self.user.replace("{question}", question.strip())
 
 
 @dataclass(frozen=True)
@@ -133,8 +133,9 @@ class BenchmarkSFTCollator:
     prompt: BenchmarkPrompt
 
     def __call__(self, samples: Sequence[BenchmarkSample]) -> dict:
+        target = self.prompt.target
         conversations = [
-            benchmark_messages(s, self.prompt, target=self.prompt.target.replace("{answer}", s.answer))
+            benchmark_messages(s, self.prompt, target=target.replace("{answer}", s.answer))
             for s in samples
         ]
         batch = self.builder.encode(

@@ -127,7 +127,7 @@ class BenchmarkDataModule(ScreeningDataModule):
                     raise ValueError(f"{self.benchmark} under {self.root}: duplicate id {r.id!r}")
                 seen.add(r.id)
             self._source = records
-            log.info("%s: %d questions in %s/%s", self.benchmark, len(records), self.root, self.source_split)
+            log.info("%s: %d questions in %s", self.benchmark, len(records), self.root)
         return self._source
 
     def split_ids(self) -> dict[str, list[str]]:

@@ -63,15 +63,19 @@ class BenchmarkAccuracy(Metric):
         return out
 
     @staticmethod
-    def table(results: dict[str, float], model: str, prompt: str, prefix: str = "test/score/") -> str:
+    def table(
+        results: dict[str, float], model: str, prompt: str, prefix: str = "test/score/"
+    ) -> str:
         """Markdown in the layout of Tables 8-10, per-subtask accuracy below it."""
         overall = results.get(prefix + "overall")
+        cell = f"{overall:.2f}" if overall is not None else "n/a"
         lines = [
             "| model | Prompt Type | Overall Accuracy |",
             "|---|---|---|",
-            f"| {model} | {prompt} | " + (f"{overall:.2f}" if overall is not None else "n/a") + " |",
+            f"| {model} | {prompt} | {cell} |",
         ]
-        subtasks = sorted(k[len(prefix) + 8 :] for k in results if k.startswith(prefix + "subtask/"))
+        head = prefix + "subtask/"
+        subtasks = sorted(k[len(head) :] for k in results if k.startswith(head))
         if subtasks:
             lines += ["", "| subtask | accuracy |", "|---|---|"]
             lines += [f"| {s} | {results[prefix + 'subtask/' + s]:.2f} |" for s in subtasks]

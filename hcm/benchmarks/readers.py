@@ -46,7 +46,7 @@ class BenchmarkRecord:
 
 
 def _letter(answer: object, n_options: int, what: str) -> str:
-    """"B", "(B)", "b" -> "B", checked against the number of options."""
+    """ "B", "(B)", "b" -> "B", checked against the number of options."""
     text = str(answer).strip().strip("()").strip().upper()
     if len(text) != 1 or text not in LETTERS[: n_options or len(LETTERS)]:
         raise ValueError(f"{what}: answer {answer!r} is not one of {n_options} option letters")
@@ -55,8 +55,7 @@ def _letter(answer: object, n_options: int, what: str) -> str:
 
 def read_realworldqa(root: Path, split: str = "test") -> list[BenchmarkRecord]:
     hint = (
-        "E.g. huggingface-cli download xai-org/RealworldQA --repo-type dataset "
-        f"--local-dir {root}"
+        f"E.g. huggingface-cli download xai-org/RealworldQA --repo-type dataset --local-dir {root}"
     )
     rows, base = read_split(root, split, "RealWorldQA", hint)
     records = []
@@ -74,16 +73,17 @@ def read_realworldqa(root: Path, split: str = "test") -> list[BenchmarkRecord]:
 
 def read_muirbench(root: Path, split: str = "test") -> list[BenchmarkRecord]:
     hint = (
-        "E.g. huggingface-cli download MUIRBENCH/MUIRBENCH --repo-type dataset "
-        f"--local-dir {root}"
+        f"E.g. huggingface-cli download MUIRBENCH/MUIRBENCH --repo-type dataset --local-dir {root}"
     )
     rows, base = read_split(root, split, "MuirBench", hint)
     records = []
     for i, row in enumerate(rows):
         what = f"MuirBench row {i} (idx {row.get('idx')})"
         options = tuple(str(o) for o in row["options"])
-        text = str(row["question"]).strip() + "\n" + "\n".join(
-            f"{LETTERS[k]}. {o}" for k, o in enumerate(options)
+        text = (
+            str(row["question"]).strip()
+            + "\n"
+            + "\n".join(f"{LETTERS[k]}. {o}" for k, o in enumerate(options))
         )
         images = tuple(image_bytes(im, base, what) for im in row["image_list"])
         if text.count(IMAGE_PLACEHOLDER) not in (0, len(images)):

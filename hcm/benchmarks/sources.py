@@ -24,7 +24,7 @@ class SourceNotFoundError(FileNotFoundError):
 def _pyarrow():
     try:
         import pyarrow
-        import pyarrow.parquet  # noqa: F401
+        import pyarrow.parquet
     except ImportError:  # pragma: no cover - a dependency of hcm
         raise ImportError("reading benchmark files needs pyarrow: pip install pyarrow") from None
     return pyarrow

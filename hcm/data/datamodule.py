@@ -4,6 +4,11 @@
 prompts with their answers, ordered by the hard-case sampler (all data for `switch_epoch`
 epochs, then the configured composition, Table 7). Validation and test always yield prompts of
 the test split, scored with the section-5.1 metric.
+
+Resuming mid-epoch: both training orders depend only on (seed, epoch), never on the global RNG,
+and every checkpoint stores where this epoch's order had got to (`state_dict`), so a resumed run
+skips the samples it already trained on and sees the rest in the same order. Lightning saves no
+position for a plain DataLoader. (Streaming draws restart the interrupted epoch's stream.)
 """
 
 from __future__ import annotations
@@ -14,7 +19,8 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
-from torch.utils.data import DataLoader
+import torch
+from torch.utils.data import DataLoader, DistributedSampler
 
 from hcm.data.datasets import (
     SFT_SOURCES,
@@ -29,6 +35,26 @@ from hcm.data.sampler import HardCaseSampler
 from hcm.prompts import Prompt
 
 log = logging.getLogger(__name__)
+
+
+class ResumableSampler(DistributedSampler):
+    """torch's DistributedSampler (an order seeded by (seed, epoch), sharded by rank) that can
+    skip the first `start` indices of this rank's order, to resume mid-epoch. As a
+    DistributedSampler, Lightning leaves it in place under DDP rather than wrapping it."""
+
+    start = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        if epoch != self.epoch:  # the same epoch again (Lightning, after a resume) keeps start
+            self.start = 0
+        super().set_epoch(epoch)
+
+    def set_start(self, consumed: int) -> None:
+        self.start = consumed
+
+    def __iter__(self):
+        order = list(super().__iter__())  # reads the epoch now, as the iteration starts
+        yield from order[self.start :]
 
 
 class ScreeningDataModule(L.LightningDataModule):
@@ -83,6 +109,7 @@ class ScreeningDataModule(L.LightningDataModule):
             )
         self.streaming, self.samples_per_epoch = streaming, samples_per_epoch
         self.hard_indices: list[int] | None = None  # set by mining, or restored from a checkpoint
+        self.resume_position: dict[str, int] | None = None  # from a checkpoint, until used
         self.records: dict[str, list[ScreeningRecord]] = {}
 
     # -- data on disk ------------------------------------------------------------------------
@@ -167,11 +194,37 @@ class ScreeningDataModule(L.LightningDataModule):
         return self.hard_indices is not None
 
     def state_dict(self) -> dict[str, Any]:
-        # Saved in every checkpoint: a resumed run keeps the hard set its first run mined.
-        return {"hard_indices": self.hard_indices}
+        """Saved in every checkpoint: the hard set the first run mined, and the position in the
+        training order (this rank's samples of the current epoch already trained on)."""
+        state: dict[str, Any] = {"hard_indices": self.hard_indices}
+        trainer = self.trainer
+        if getattr(trainer, "fit_loop", None) is not None and trainer.state.fn == "fit":
+            batches = trainer.fit_loop.epoch_loop.batch_progress.current.ready
+            state["position"] = {
+                "epoch": trainer.current_epoch,
+                "consumed": batches * self.batch_size,
+            }
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.hard_indices = state.get("hard_indices")
+        self.resume_position = state.get("position")
+
+    def _resume(self, sampler: HardCaseSampler | ResumableSampler) -> None:
+        """Put a new training sampler at the checkpoint's position, once. Lightning then sets the
+        epoch it runs: the same keeps the offset, the next one (a checkpoint taken at the end of
+        an epoch) starts from its beginning."""
+        if self.resume_position is None:
+            return
+        epoch, consumed = self.resume_position["epoch"], self.resume_position["consumed"]
+        self.resume_position = None
+        sampler.set_epoch(epoch)
+        sampler.set_start(min(consumed, len(sampler)))
+        log.info(
+            "checkpoint taken %d samples into epoch %d (this rank's): resuming there",
+            consumed,
+            epoch,
+        )
 
     def _sampler(self, epoch: int) -> HardCaseSampler:
         if self.hard_indices is None and self.composition != "all":
@@ -196,15 +249,17 @@ class ScreeningDataModule(L.LightningDataModule):
         sampler = self._sampler(0)
         return sum(-(-sampler.epoch_length(e) // self.batch_size) for e in range(epochs))
 
-    def _loader(self, dataset, batch_size, collate, shuffle=False, sampler=None) -> DataLoader:
+    def _loader(self, dataset, batch_size, collate, sampler=None) -> DataLoader:
         return DataLoader(
             dataset,
             batch_size=batch_size,
-            shuffle=shuffle,
             sampler=sampler,
             collate_fn=collate,
             num_workers=self.num_workers,
             persistent_workers=False,
+            # its own generator: making an iterator draws a seed, never from the global RNG,
+            # whose state (GRPO's sampling) a checkpoint restores
+            generator=torch.Generator().manual_seed(self.seed),
         )
 
     def _stream(self):
@@ -232,12 +287,22 @@ class ScreeningDataModule(L.LightningDataModule):
                 )
             collate = self.sft_collate if self.mode == "sft" else self.prompt_collate
             return self._loader(self._stream(), self.batch_size, collate)
+        trainer = self.trainer
         if self.mode == "sft":
-            return self._loader(self.sft_dataset, self.batch_size, self.sft_collate, shuffle=True)
+            sampler = ResumableSampler(
+                self.sft_dataset,
+                num_replicas=trainer.world_size if trainer else 1,
+                rank=trainer.global_rank if trainer else 0,
+                shuffle=True,
+                seed=self.seed,
+            )
+            sampler.set_epoch(trainer.current_epoch if trainer else 0)
+            self._resume(sampler)
+            return self._loader(self.sft_dataset, self.batch_size, self.sft_collate, sampler)
         if self.mode != "grpo":
             raise RuntimeError(f"data.mode={self.mode!r} has no training data")
-        trainer = self.trainer
         sampler = self._sampler(trainer.current_epoch if trainer else 0)
+        self._resume(sampler)
         return self._loader(
             self.train_dataset, self.batch_size, self.prompt_collate, sampler=sampler
         )

@@ -11,7 +11,10 @@ The G completions of a prompt are drawn from G copies of it made here (`repeat_b
 instead of per sample, giving the copies of a multi-tile prompt other images (5.23 is right).
 
 A completion ends at eos (kept: the model learns to stop) or at the end of the first stop string
-(`</answer>`); the tokens after it are padding with completion_mask 0.
+(`</answer>`); the tokens after it are padding with completion_mask 0. The stop-string criterion
+is built once per tokenizer and reused: transformers 5.23 rebuilds it on every call (its cache key
+follows the tokenizer vocabulary's hash order, which changes between calls), seconds of CPU
+with InternVL3's 151,674 tokens.
 
 Fast paths, each off by default and each leaving the sampling distribution as it is:
 `cache="static"` preallocates the KV cache (sized `max_cache_len` or more, so that later calls
@@ -22,17 +25,19 @@ images once for its G copies and prefills from embeddings (`hcm.model.vision_cac
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
-from transformers import GenerationConfig
+from transformers import GenerationConfig, StoppingCriteriaList, StopStringCriteria
 from transformers.generation.configuration_utils import CompileConfig
 
 from hcm.model.inputs import repeat_batch
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "pixel_values")
 CACHES = ("dynamic", "static")
+_STOP_CRITERIA: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 @dataclass
@@ -105,6 +110,17 @@ def _stop_length(tokens: list[int], tokenizer, stop_strings: Sequence[str]) -> i
     return lo
 
 
+def stop_criteria(tokenizer, stop_strings: Sequence[str]) -> StoppingCriteriaList:
+    """transformers' stop-string criterion for `tokenizer`, built once per (tokenizer, strings)."""
+    if not stop_strings:
+        return StoppingCriteriaList()
+    built = _STOP_CRITERIA.setdefault(tokenizer, {})
+    key = tuple(stop_strings)
+    if key not in built:
+        built[key] = StopStringCriteria(tokenizer, list(key))
+    return StoppingCriteriaList([built[key]])
+
+
 def fast_path_options(
     cache: str = "dynamic", max_cache_len: int | None = None, compile: bool = False
 ) -> dict:
@@ -162,7 +178,6 @@ def generate(
         suppress_tokens=banned_token_ids(tokenizer),
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
-        stop_strings=list(stop_strings) or None,
         **fast_path_options(cache, max_cache_len, compile),
         **sampling,
     )
@@ -180,7 +195,9 @@ def generate(
                 inputs, num_return_sequences, cfg.image_token_id, cfg.image_seq_length
             )
         sequences = model.generate(
-            **inputs, generation_config=config, tokenizer=tokenizer if stop_strings else None
+            **inputs,
+            generation_config=config,
+            stopping_criteria=stop_criteria(tokenizer, stop_strings),
         )  # (N, P + L)
     finally:
         model.train(was_training)

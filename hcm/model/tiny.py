@@ -273,10 +273,14 @@ def ensure_tiny_model(
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))
     try:
         model = build_tiny_model(tiny_sizes, seed, tokenizer)
-        model.save_pretrained(tmp)
+        # Under DDP transformers saves only on rank 0 unless told this process is the writer:
+        # every builder writes its own private folder, so each one is.
+        model.save_pretrained(tmp, is_main_process=True)
         tokenizer.save_pretrained(tmp)
         image_processor = tiny_image_processor(tiny_sizes.image_size, max_patches)
         image_processor.save_pretrained(tmp)
+        if not (tmp / "config.json").is_file() or not list(tmp.glob("*.safetensors")):
+            raise RuntimeError(f"saving the tiny model into {tmp} wrote no config or weights")
         (tmp / MARKER).write_text(json.dumps(spec, indent=2) + "\n")  # last: marks it finished
         try:
             os.rename(tmp, path)

@@ -7,7 +7,8 @@ a third of InternVL3-2B's forward FLOPs and two thirds of the 1B's (shared/perf-
 Here the tower runs once per distinct prompt; the features are repeated to the rows that use them
 and scattered into the `<IMG_CONTEXT>` positions, as `InternVLModel.forward` does. The repeat is
 differentiable, so the vision tower's gradient is the sum over the G rows: the same gradient as
-the plain path's, computed once.
+the plain path's, computed once. (Exact because InternViT has no dropout; with dropout the G rows
+would share one mask.)
 
 Rows map to prompts by `prompt_index`; `rows_by_prompt` builds it for the prompt-major layout
 [p0c0 .. p0c(G-1), p1c0 ...] of `hcm.modules.grpo.Rollout`.

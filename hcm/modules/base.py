@@ -2,6 +2,9 @@
 
 Validation and test generate an answer for each test prompt (greedy by default) and feed the
 section-5.1 `ScreeningScore`, logged as `val/score/<key>` / `test/score/<key>`.
+
+Every checkpoint also holds each rank's RNG states (Lightning saves none), put back just before
+the first training batch after a resume, so a resumed run samples what an uninterrupted one would.
 """
 
 from __future__ import annotations
@@ -13,6 +16,8 @@ from typing import Any
 import lightning as L
 import torch
 
+from hcm.checkpoints import capture_rng, restore_rng
+from hcm.faults import fault_point
 from hcm.metrics import ScreeningScore
 
 log = logging.getLogger(__name__)
@@ -24,6 +29,23 @@ def warmup_cosine(step: int, total: int, warmup: int, min_ratio: float) -> float
         return (step + 1) / max(1, warmup)
     progress = min(1.0, (step - warmup) / max(1, total - warmup))
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def scheduled_steps(
+    batches_per_epoch: list[int], limit: int | float, max_steps: int = -1, steps_per_batch: int = 1
+) -> int:
+    """Batches a fit trains on: each epoch's cut by Lightning's `limit_train_batches` (an int: at
+    most that many; a float: that fraction), the whole capped by `max_steps` optimizer steps
+    (`steps_per_batch` of them per batch; -1 or None: no cap).
+
+    >>> scheduled_steps([12, 18], limit=4), scheduled_steps([12, 18], 0.5, max_steps=14)
+    (8, 14)
+    """
+    cut = (lambda n: min(n, limit)) if isinstance(limit, int) else (lambda n: int(n * limit))
+    total = sum(cut(n) for n in batches_per_epoch)
+    if max_steps is not None and max_steps >= 0:
+        total = min(total, -(-max_steps // steps_per_batch))
+    return total
 
 
 class ScreeningModule(L.LightningModule):
@@ -54,6 +76,7 @@ class ScreeningModule(L.LightningModule):
         self.val_score, self.test_score = ScreeningScore(), ScreeningScore()
         self.model: Any = None
         self.tokenizer: Any = None
+        self._resumed_rng: dict | None = None  # a checkpoint's RNG state, until training resumes
 
     # -- model ---------------------------------------------------------------------------
     @property
@@ -105,20 +128,58 @@ class ScreeningModule(L.LightningModule):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     def total_steps(self) -> int:
-        """Optimizer steps of the whole fit, for the LR schedule."""
+        """Optimizer steps of the whole fit, for the LR schedule (Lightning's estimate counts
+        limit_train_batches, max_steps, gradient accumulation and devices)."""
         return int(self.trainer.estimated_stepping_batches)
+
+    # -- checkpoints ---------------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # Each rank's RNG: ranks sample different completions (every rank takes part here).
+        state = capture_rng()
+        world = self.trainer.world_size if self._trainer is not None else 1
+        if world > 1 and torch.distributed.is_initialized():
+            states: list = [None] * world
+            torch.distributed.all_gather_object(states, state)
+            checkpoint["rng_states"] = states
+        else:
+            checkpoint["rng_states"] = [state]
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        states = checkpoint.get("rng_states")
+        if not states:
+            log.warning("the checkpoint holds no RNG state: sampling will not repeat the first run")
+            return
+        rank = self.trainer.global_rank if self._trainer is not None else 0
+        if len(states) != (self.trainer.world_size if self._trainer is not None else 1):
+            log.warning("the checkpoint holds the RNG states of %d ranks", len(states))
+        self._resumed_rng = states[rank % len(states)]
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        # Here, not when the checkpoint loads: whatever Lightning draws while it resumes (setting
+        # up loaders, validating) must not shift the stream the training steps draw from.
+        if self._resumed_rng is not None:
+            restore_rng(self._resumed_rng)
+            self._resumed_rng = None
 
     # -- scoring by generation ---------------------------------------------------------------
     def answer(self, batch: dict, **overrides) -> list[str]:
         """Generate one response per prompt of a PromptCollator batch."""
         from hcm.model.generation import generate
 
+        fault_point("answer")
         kwargs = {**self.eval_generation, **overrides}
         return generate(self.model, batch["inputs"], self.tokenizer, **kwargs).texts
 
+    def setup(self, stage: str) -> None:
+        # The datamodule chooses the metric: the public benchmarks score accuracy, not 5.1's.
+        make = getattr(getattr(self.trainer, "datamodule", None), "make_metric", None)
+        if make is not None:
+            self.val_score, self.test_score = make(), make()
+
     def _score_step(self, batch: dict, metric: ScreeningScore) -> None:
         completions = self.answer(batch)
-        metric.update(completions, batch["answers"], batch["dimensions"])
+        keys = getattr(metric, "batch_keys", ("answers", "dimensions"))  # what update() reads
+        metric.update(completions, *(batch[k] for k in keys))
 
     def _log_score(self, metric: ScreeningScore, prefix: str) -> dict[str, float]:
         values = {f"{prefix}/score/{k}": v for k, v in metric.compute().items()}

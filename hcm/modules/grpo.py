@@ -35,9 +35,10 @@ from typing import Any
 
 import torch
 
+from hcm.faults import fault_point
 from hcm.grpo import AGGREGATIONS, group_advantages, policy_loss, zero_variance_groups
 from hcm.logprobs import completion_logprobs
-from hcm.modules.base import ScreeningModule
+from hcm.modules.base import ScreeningModule, scheduled_steps
 from hcm.rewards import score
 
 log = logging.getLogger(__name__)
@@ -157,12 +158,14 @@ class GRPOModule(ScreeningModule):
             self.ref_model = self.load_policy().eval().requires_grad_(False)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        super().on_save_checkpoint(checkpoint)
         # The reference is the initial checkpoint, reloaded by configure_model: don't store it.
         state = checkpoint["state_dict"]
         for key in [k for k in state if k.startswith("ref_model.")]:
             del state[key]
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        super().on_load_checkpoint(checkpoint)
         # Put back the reference configure_model just loaded, so that loading stays strict and a
         # missing policy weight is still an error.
         if self.ref_model is not None:
@@ -171,12 +174,20 @@ class GRPOModule(ScreeningModule):
                 state.setdefault(f"ref_model.{key}", value)
 
     def total_steps(self) -> int:
-        # Epochs after switch_epoch are longer (all_plus_hard), which Lightning's estimate misses.
-        dm = self.trainer.datamodule
+        """Rollouts of the whole fit (the schedule steps once per rollout). Epochs after
+        switch_epoch are longer (all_plus_hard), which Lightning's estimate misses."""
+        trainer, dm = self.trainer, self.trainer.datamodule
+        if trainer.max_epochs in (None, -1):  # iteration-based: max_steps alone decides
+            return -(-trainer.max_steps // self.num_iterations)
+        epochs = trainer.max_epochs
         if not dm.hard_indices_known and dm.composition != "all":
             # Before mining (the scheduler's first call): all-data epochs; exact from step 1.
-            return -(-len(dm.train_dataset) // dm.batch_size) * self.trainer.max_epochs
-        return dm.train_batches(self.trainer.max_epochs)
+            per_epoch = [-(-len(dm.train_dataset) // dm.batch_size)] * epochs
+        else:
+            per_epoch = [dm.train_batches(e + 1) - dm.train_batches(e) for e in range(epochs)]
+        return scheduled_steps(
+            per_epoch, trainer.limit_train_batches, trainer.max_steps, self.num_iterations
+        )
 
     # -- hard-case mining ------------------------------------------------------------------------
     def on_fit_start(self) -> None:
@@ -185,7 +196,10 @@ class GRPOModule(ScreeningModule):
             return
         from hcm.mining import mine_hard_cases
 
-        hard = mine_hard_cases(self, dm, **self.mining)
+        # Mining may sample (k > 1); training draws the same RNG stream whether it mined or found
+        # the cache, so the five arms of Table 7 sample alike and a rerun repeats the first run.
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            hard = mine_hard_cases(self, dm, **self.mining)
         dm.set_hard_cases(hard)
 
     # -- the GRPO step ---------------------------------------------------------------------------
@@ -193,23 +207,27 @@ class GRPOModule(ScreeningModule):
         t0 = time.perf_counter()
         rollout = self.rollout(batch)  # G completions per prompt, rewards, advantages (eq. 2)
         t_rollout = time.perf_counter() - t0
+        fault_point("grpo_step")
         opt = self.optimizers()
         lr = opt.param_groups[0]["lr"]  # the LR of this step's updates
         rollout_step = self.global_step // self.num_iterations
         for _ in range(self.num_iterations):  # mu optimizer steps on the same completions
             stats = self.accumulate_gradients(rollout)  # the loss of eqs. 3-5
-            if self.max_grad_norm:
-                self.clip_gradients(
-                    opt, gradient_clip_val=self.max_grad_norm, gradient_clip_algorithm="norm"
-                )
-            opt.step()
+            opt.step()  # clips first (on_before_optimizer_step)
             opt.zero_grad(set_to_none=True)
         self.lr_schedulers().step()
         t_update = time.perf_counter() - t0 - t_rollout
-        self._log_step(rollout, stats, lr, t_rollout, t_update)
+        self._log_step(rollout, stats, lr, t_rollout, t_update)  # stats of the last pass
         every = self.log_completions_every_n_steps
         if every and rollout_step % every == 0:
             self._log_completions(rollout)
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        # Here rather than before opt.step(): after hcm.nonfinite's guard has seen the raw norm.
+        if self.max_grad_norm:
+            self.clip_gradients(
+                optimizer, gradient_clip_val=self.max_grad_norm, gradient_clip_algorithm="norm"
+            )
 
     @torch.no_grad()
     def rollout(self, batch: dict) -> Rollout:

@@ -7,6 +7,7 @@ Table 2: ViT and aligner frozen (conf/module/sft.yaml).
 
 from __future__ import annotations
 
+from hcm.faults import fault_point
 from hcm.modules.base import ScreeningModule
 
 
@@ -18,6 +19,7 @@ class SFTModule(ScreeningModule):
             pixel_values=batch["pixel_values"].to(self.model.dtype),
             labels=batch["labels"],
         )
+        fault_point("sft_step")
         n_tokens = (batch["labels"] != -100).sum()
         self.log("train/loss", out.loss, prog_bar=True, batch_size=len(batch["ids"]))
         self.log("train/target_tokens", n_tokens.float(), batch_size=len(batch["ids"]))

@@ -1,0 +1,152 @@
+"""The same LightningModule under Lightning's DDP (2 CPU processes, gloo) through train.py.
+
+SFT is deterministic, so a 2-process run must train the weights a 1-process run trains on the
+same global batches. DDP averages the ranks' gradients, each the mean over its own batch; the
+1-process run that does the same is batch 1 with 2 accumulated micro-batches (a doubled batch
+would instead average over the tokens of both samples at once: another loss when the samples'
+target lengths differ). Both runs use DDP's distributed sampler, so step k's global batch is the
+same two samples. GRPO samples, so its run is checked for what DDP must give it: each rank its
+own prompts (the hard-case sampler's shards), and the same weights on both ranks after the step.
+FSDP needs a GPU in Lightning: its config is checked to compose and build its strategy.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from hydra.utils import instantiate
+from safetensors.torch import load_file
+
+REPO = Path(__file__).resolve().parents[1]
+
+RECORDER = textwrap.dedent(
+    """
+    import hashlib, json
+    import lightning as L
+
+    class Record(L.Callback):
+        '''Per rank: the sample ids of each batch, then a hash of the trained weights.'''
+
+        def __init__(self, path):
+            self.path = path
+
+        def _write(self, trainer, row):
+            with open(f"{self.path}.rank{trainer.global_rank}", "a") as f:
+                f.write(json.dumps(row) + "\\n")
+
+        def on_train_batch_start(self, trainer, module, batch, batch_idx):
+            self._write(trainer, {"step": trainer.global_step, "ids": list(batch["ids"])})
+
+        def on_train_end(self, trainer, module):
+            blob = b"".join(p.detach().cpu().numpy().tobytes() for p in module.model.parameters())
+            digest = hashlib.sha256(blob).hexdigest()
+            self._write(trainer, {"weights": digest, "world_size": trainer.world_size})
+    """
+)
+
+
+def train_cli(tmp_path: Path, name: str, *overrides: str) -> Path:
+    """Run train.py in a subprocess (Lightning re-launches it per rank); returns its run dir."""
+    run = tmp_path / name
+    env = {**os.environ, "PYTHONPATH": str(tmp_path), "PYTHONUNBUFFERED": "1"}
+    args = [
+        sys.executable,
+        str(REPO / "train.py"),
+        "trainer=ddp",
+        "trainer.accelerator=cpu",
+        "trainer.limit_val_batches=0",
+        "trainer.max_epochs=1",
+        "+callbacks.record._target_=hcm_record.Record",
+        f"+callbacks.record.path={run}/record",
+        f"hydra.run.dir={run}",
+        *overrides,
+    ]
+    r = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
+    return run
+
+
+def records(run: Path, rank: int) -> list[dict]:
+    return [json.loads(line) for line in (run / f"record.rank{rank}").read_text().splitlines()]
+
+
+@pytest.fixture
+def recorder(tmp_path, compose_cfg):
+    (tmp_path / "hcm_record.py").write_text(RECORDER)
+    # Built here, not by the ranks: transformers' save_pretrained writes no weights on a rank > 0
+    # once torch.distributed is up, and that rank may win ensure_tiny_model's rename.
+    from hcm.model.loading import resolve_name_or_path
+
+    model = compose_cfg("train", ["experiment=tiny_sft"]).model
+    resolve_name_or_path(model.name_or_path, model.tiny)
+
+
+@pytest.mark.slow
+def test_ddp_sft_equals_one_process_on_the_same_global_batches(tmp_path, hcm_root, recorder):
+    sft = ["experiment=tiny_sft", "data.batch_size=1", "callbacks.progress_bar=null"]
+    two = train_cli(tmp_path, "ddp2", *sft, "trainer.devices=2", "+trainer.limit_train_batches=3")
+    one = train_cli(
+        tmp_path, "ddp1", *sft, "trainer.devices=1", "+trainer.limit_train_batches=6",
+        "+trainer.accumulate_grad_batches=2",
+    )  # fmt: skip
+
+    # step k's global batch: rank 0's and rank 1's sample = the two accumulated micro-batches
+    ranks = [[r["ids"] for r in records(two, k) if "ids" in r] for k in (0, 1)]
+    micro = [r["ids"] for r in records(one, 0) if "ids" in r]
+    assert len(ranks[0]) == len(ranks[1]) == 3 and len(micro) == 6
+    for step in range(3):
+        assert sorted(ranks[0][step] + ranks[1][step]) == sorted(
+            micro[2 * step] + micro[2 * step + 1]
+        )
+    assert not {i for b in ranks[0] for i in b} & {i for b in ranks[1] for i in b}  # disjoint
+
+    ddp = load_file(two / "model" / "model.safetensors")
+    single = load_file(one / "model" / "model.safetensors")
+    init = load_file(Path(hcm_root) / ".cache" / "tiny-internvl3" / "model.safetensors")
+    key = next(k for k in single if k.endswith("layers.0.mlp.up_proj.weight"))
+    moved = (single[key] - init[key]).abs().max()
+    assert moved > 1e-3  # training changed the weights ...
+    for name, value in single.items():  # ... and both runs changed them alike
+        torch.testing.assert_close(ddp[name], value, rtol=0, atol=1e-5, msg=name)
+    hashes = {records(two, k)[-1]["weights"] for k in (0, 1)}
+    assert len(hashes) == 1 and records(two, 0)[-1]["world_size"] == 2
+
+
+@pytest.mark.slow
+def test_ddp_grpo_shards_prompts_and_keeps_ranks_in_sync(tmp_path, hcm_root, recorder):
+    run = train_cli(
+        tmp_path, "grpo", "experiment=tiny_grpo", "trainer.devices=2", "data.batch_size=1",
+        "data.switch_epoch=1", "trainer.limit_train_batches=2", "callbacks.progress_bar=null",
+    )  # fmt: skip
+    seen = [[i for r in records(run, k) if "ids" in r for i in r["ids"]] for k in (0, 1)]
+    assert len(seen[0]) == len(seen[1]) == 2
+    assert not set(seen[0]) & set(seen[1])  # each rank its own prompts
+    finals = [records(run, k)[-1] for k in (0, 1)]
+    assert finals[0]["world_size"] == 2
+    assert finals[0]["weights"] == finals[1]["weights"]  # gradients were all-reduced
+    done = json.loads((run / "stage.json").read_text())
+    assert done["kind"] == "grpo"
+
+
+def test_fsdp_config_composes_and_builds_its_strategy(compose_cfg):
+    from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy
+    from transformers.models.internvl.modeling_internvl import InternVLVisionLayer
+    from transformers.models.qwen2.modeling_qwen2 import Qwen2DecoderLayer
+
+    cfg = compose_cfg("train", ["experiment=tiny_grpo", "trainer=fsdp", "trainer.devices=8"])
+    assert cfg.trainer.accelerator == "gpu" and cfg.trainer.devices == 8
+    strategy = instantiate(cfg.trainer.strategy)
+    assert isinstance(strategy, FSDPStrategy)
+    assert strategy.kwargs["use_orig_params"] is True
+    policy = strategy.kwargs["auto_wrap_policy"]
+    assert {InternVLVisionLayer, Qwen2DecoderLayer} <= set(policy._module_classes)
+    ddp = compose_cfg("train", ["experiment=tiny_sft", "trainer=ddp"])
+    assert isinstance(instantiate(ddp.trainer.strategy), DDPStrategy)
+    assert ddp.trainer.precision == "auto"

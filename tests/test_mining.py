@@ -1,0 +1,193 @@
+"""Hard-case mining: wrong answers are hard, k samples with a pass-rate threshold, the cache
+(written, reused, stale on model / manifest / parameters), the progress bar, and no image
+tokens generated while mining with the real tiny model."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import lightning as L
+import pytest
+import torch
+from hydra.utils import instantiate
+from torch import nn
+
+import hcm.mining as mining
+import hcm.model.generation as generation
+from hcm.data.hard_cases import HardCaseSet
+from hcm.mining import mine_hard_cases, model_fingerprint
+from hcm.model.generation import banned_token_ids
+
+FAST = [
+    "experiment=tiny_grpo",
+    "data.composition=all_plus_hard",
+    "prompt.user='Original <image> Generated <image> Answer:'",
+    "model.max_patches=1",
+]
+N_TRAIN = 24  # conf/data/synthetic_tiny.yaml
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # Tiny matmuls on shared cores: intra-op threads only add contention.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def attached(compose_cfg, tmp_path):
+    """(module attached to a single-process Trainer, datamodule set up for fitting)."""
+    cfg = compose_cfg("train", FAST)
+    dm = instantiate(cfg.data, _convert_="all")
+    dm.prepare_data()
+    dm.setup("fit")
+    module = instantiate(cfg.module, _convert_="all")
+    module.configure_model()
+    module.trainer = L.Trainer(
+        accelerator="cpu", devices=1, logger=False, default_root_dir=tmp_path
+    )
+    return module, dm
+
+
+def wrong(answer: str) -> str:
+    return "<answer>A</answer>" if answer == "N" else "<answer>N</answer>"
+
+
+class Answers:
+    """Stands in for module.answer: case i's s-th answer is right iff right(i, s)."""
+
+    def __init__(self, dm, right):
+        self.position = {r.id: i for i, r in enumerate(dm.load("train"))}
+        self.right, self.calls = right, []
+
+    def __call__(self, batch, **kwargs):
+        self.calls.append(kwargs)
+        k = kwargs.get("num_return_sequences", 1)
+        return [
+            f"<think>x</think><answer>{a}</answer>" if self.right(self.position[i], s) else wrong(a)
+            for i, a in zip(batch["ids"], batch["answers"], strict=True)
+            for s in range(k)
+        ]
+
+
+def test_wrong_answers_are_the_hard_cases_and_the_cache_is_reused(attached, tmp_path, monkeypatch):
+    module, dm = attached
+    hard = {1, 4, 7, 20}
+    answers = Answers(dm, lambda i, s: i not in hard)
+    monkeypatch.setattr(module, "answer", answers)
+    cache = tmp_path / "hard.json"
+    assert mine_hard_cases(module, dm, cache_path=str(cache), batch_size=8) == sorted(hard)
+    assert len(answers.calls) == 3  # 24 cases, 8 per batch
+    assert answers.calls[0]["do_sample"] is False and "num_return_sequences" not in answers.calls[0]
+    ids = [r.id for r in dm.load("train")]
+    saved = HardCaseSet.load(cache)
+    assert saved.hard_ids == tuple(ids[i] for i in sorted(hard))
+    assert len(saved.easy_ids) == N_TRAIN - len(hard)
+    assert saved.model == str(module.model_path)
+    assert saved.params["greedy"] is True and saved.params["k"] == 1
+
+    def never(batch, **kwargs):
+        raise AssertionError("a matching cache must not be mined again")
+
+    monkeypatch.setattr(module, "answer", never)
+    assert mine_hard_cases(module, dm, cache_path=str(cache), batch_size=8) == sorted(hard)
+
+
+@pytest.mark.parametrize("change", ["fingerprint", "manifest", "params", "prompt"])
+def test_a_stale_cache_is_mined_again(attached, tmp_path, monkeypatch, change):
+    module, dm = attached
+    cache = tmp_path / "hard.json"
+    monkeypatch.setattr(module, "answer", Answers(dm, lambda i, s: i != 0))
+    assert mine_hard_cases(module, dm, cache_path=str(cache)) == [0]
+
+    kwargs = {}
+    if change == "fingerprint":  # the weights changed
+        monkeypatch.setattr(mining, "model_fingerprint", lambda path: "0" * 64)
+    elif change == "manifest":
+        monkeypatch.setattr(mining, "manifest_hash", lambda path: "f" * 64)
+    elif change == "params":
+        kwargs = {"max_new_tokens": 7}
+    else:  # same prompt name, other text
+        monkeypatch.setattr(dm, "prompt", replace(dm.prompt, user=dm.prompt.user + " Think."))
+    again = Answers(dm, lambda i, s: i != 5)
+    monkeypatch.setattr(module, "answer", again)
+    assert mine_hard_cases(module, dm, cache_path=str(cache), **kwargs) == [5]
+    assert again.calls
+    assert HardCaseSet.load(cache).hard_ids == (dm.load("train")[5].id,)
+
+
+def test_k_samples_with_a_pass_rate_threshold(attached, tmp_path, monkeypatch):
+    module, dm = attached
+    # case i gets (i % 5) of its 4 answers right (4 when i % 5 == 4)
+    answers = Answers(dm, lambda i, s: s < i % 5)
+    monkeypatch.setattr(module, "answer", answers)
+    hard = mine_hard_cases(
+        module, dm, cache_path=str(tmp_path / "h.json"), k=4, pass_threshold=0.5, temperature=0.7
+    )
+    assert hard == [i for i in range(N_TRAIN) if i % 5 < 2]  # pass rate 0 or 1/4 < 0.5
+    assert all(
+        c["num_return_sequences"] == 4 and c["do_sample"] and c["temperature"] == 0.7
+        for c in answers.calls
+    )
+    strict = mine_hard_cases(
+        module, dm, cache_path=str(tmp_path / "h1.json"), k=4, pass_threshold=1.0
+    )
+    assert strict == [i for i in range(N_TRAIN) if i % 5 != 4]  # one wrong answer: hard
+
+
+def test_progress_bar(attached, tmp_path, monkeypatch, capsys):
+    module, dm = attached
+    monkeypatch.setattr(module, "answer", Answers(dm, lambda i, s: True))
+    assert mine_hard_cases(module, dm, cache_path=str(tmp_path / "h.json"), batch_size=10) == []
+    err = capsys.readouterr().err
+    assert "mining hard cases" in err and "3/3" in err
+
+
+def test_model_fingerprint(tmp_path):
+    (tmp_path / "config.json").write_text("{}")
+    (tmp_path / "model.safetensors").write_bytes(b"\0" * 100)
+    first = model_fingerprint(tmp_path)
+    (tmp_path / "README.md").write_text("not a weight")
+    assert model_fingerprint(tmp_path) == first
+    (tmp_path / "model.safetensors").write_bytes(b"\1" + b"\0" * 99)
+    assert model_fingerprint(tmp_path) != first
+    assert model_fingerprint("OpenGVLab/InternVL3-1B-hf") != model_fingerprint("other/model")
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_mining_the_real_tiny_model_never_generates_image_tokens(
+    attached, tmp_path, monkeypatch, k
+):
+    module, dm = attached
+    banned = banned_token_ids(module.tokenizer)
+    old = module.model.lm_head
+    head = nn.Linear(old.in_features, old.out_features, bias=True)
+    with torch.no_grad():  # the model now prefers every banned token to any other
+        head.weight.copy_(old.weight)
+        head.bias.zero_()
+        head.bias[banned] = 30.0
+    module.model.lm_head = head
+    batch = dm.prompt_collate([dm.train_dataset[0]])
+    with torch.no_grad():
+        first = module.model(**batch["inputs"]).logits[0, -1].argmax().item()
+    assert first in banned  # unmasked, generation would start with an image or chat token
+    generated = []
+    real = generation.generate
+
+    def spy(*args, **kwargs):
+        out = real(*args, **kwargs)
+        generated.append(out.completion_ids[out.completion_mask.bool()])
+        return out
+
+    monkeypatch.setattr(generation, "generate", spy)
+    module.eval_generation["max_new_tokens"] = 6
+    hard = mine_hard_cases(module, dm, cache_path=str(tmp_path / "h.json"), k=k, batch_size=12)
+    assert len(generated) == 2  # 24 cases, 12 per batch
+    tokens = torch.cat(generated)
+    assert tokens.numel() >= N_TRAIN * k  # at least one token per answer
+    assert not set(tokens.tolist()) & set(banned)
+    saved = HardCaseSet.load(tmp_path / "h.json")
+    assert len(saved.hard_ids) + len(saved.easy_ids) == N_TRAIN == len(dm.load("train"))
+    assert hard == saved.indices([r.id for r in dm.load("train")])
