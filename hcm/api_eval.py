@@ -32,6 +32,8 @@ from typing import Any
 
 from omegaconf import DictConfig
 
+from hcm.data.records import atomic_write_text
+
 log = logging.getLogger(__name__)
 
 RETRY_STATUS = (408, 409, 429, 500, 502, 503, 504)  # worth another try after a pause
@@ -157,12 +159,27 @@ def questions(datamodule: Any) -> tuple[list[str], list[list[dict]], dict[str, l
 
 
 def _read_responses(path: Path) -> dict[tuple[str, str], str]:
+    """Saved responses by (id, request hash). A run killed mid-append leaves a torn last line:
+    it is dropped (that question is asked again); a bad line elsewhere is an error."""
     done: dict[tuple[str, str], str] = {}
-    if path.is_file():
-        for line in path.read_text().splitlines():
-            if line.strip():
-                row = json.loads(line)
-                done[row["id"], row["request"]] = row["response"]
+    if not path.is_file():
+        return done
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    for n, line in enumerate(lines, start=1):
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            if n == len(lines):
+                log.warning(
+                    "%s: dropping a torn last line (%s); asking that question again", path, e
+                )
+                # rewrite without it, or the next append would be glued onto the torn text
+                atomic_write_text(path, "".join(x + "\n" for x in lines[:-1]))
+                break
+            raise ValueError(
+                f"{path}:{n}: not a JSON line ({e}); delete the file to ask again"
+            ) from None
+        done[row["id"], row["request"]] = row["response"]
     return done
 
 

@@ -150,3 +150,16 @@ def test_eval_py_scores_an_api_model_and_stores_no_key(compose_cfg, monkeypatch,
     for f in out.rglob("*"):
         if f.is_file():
             assert SECRET not in f.read_text(errors="ignore"), f
+
+
+def test_a_torn_last_response_line_is_dropped_and_trimmed(tmp_path):
+    from hcm.api_eval import _read_responses
+
+    path = tmp_path / "responses.jsonl"
+    good = json.dumps({"id": "a", "request": "r1", "response": "B"})
+    path.write_text(good + "\n" + '{"id": "b", "requ')  # killed mid-append
+    assert _read_responses(path) == {("a", "r1"): "B"}
+    assert path.read_text() == good + "\n"  # the next append starts on a fresh line
+    path.write_text('{"torn\n' + good + "\n")
+    with pytest.raises(ValueError, match=":1: not a JSON line"):
+        _read_responses(path)

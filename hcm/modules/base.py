@@ -96,6 +96,7 @@ class ScreeningModule(L.LightningModule):
             attn_implementation=cfg.get("attn_implementation", "auto"),
             gradient_checkpointing=cfg.get("gradient_checkpointing", False),
             trust_remote_code=cfg.get("trust_remote_code", False),
+            pad_vocab_to_multiple_of=cfg.get("pad_vocab_to_multiple_of", 1),
         )
 
     def configure_model(self) -> None:

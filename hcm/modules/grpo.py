@@ -125,6 +125,7 @@ class GRPOModule(ScreeningModule):
         mining: dict | None = None,
         log_completions_every_n_steps: int = 50,
         log_completions_prompts: int = 2,
+        fast: dict | None = None,
     ):
         super().__init__(model, freeze, optimizer, scheduler, eval_generation)
         if loss_agg not in AGGREGATIONS:
@@ -146,6 +147,14 @@ class GRPOModule(ScreeningModule):
         self.logprob_chunk_size, self.max_grad_norm = logprob_chunk_size, max_grad_norm
         self.resample_zero_variance = resample_zero_variance
         self.mining = dict(mining or {})
+        # Speed-ups that keep the plain path's numbers (tests/test_fast_paths.py); off by default.
+        self.fast = {
+            "share_images": False,
+            "cache": "dynamic",
+            "max_cache_len": None,
+            "compile": False,
+            **(fast or {}),
+        }
         self.log_completions_every_n_steps = log_completions_every_n_steps
         self.log_completions_prompts = log_completions_prompts
         self.ref_model: Any = None
@@ -319,6 +328,10 @@ class GRPOModule(ScreeningModule):
             top_k=s["top_k"],
             top_p=s["top_p"],
             num_return_sequences=self.G,
+            cache=self.fast["cache"],
+            max_cache_len=self.fast["max_cache_len"],
+            compile=self.fast["compile"],
+            share_images=self.fast["share_images"],
         )
         return gen.completion_ids, gen.completion_mask, list(gen.texts)
 
@@ -354,15 +367,23 @@ class GRPOModule(ScreeningModule):
         return ids, mask
 
     def _logprobs(self, model, rollout: Rollout, rows: list[int]) -> torch.Tensor:
-        return completion_logprobs(
-            model,
-            rollout.input_ids[rows],
-            rollout.attention_mask[rows],
-            rollout.pixels_of(rows).to(model.dtype),
-            rollout.completion_mask[rows],
-            temperature=self.sampling["temperature"],
-            chunk_size=self.logprob_chunk_size,
-        )  # (len(rows), L)
+        kwargs = {
+            "temperature": self.sampling["temperature"],
+            "chunk_size": self.logprob_chunk_size,
+        }
+        ids, attn = rollout.input_ids[rows], rollout.attention_mask[rows]
+        mask = rollout.completion_mask[rows]
+        if self.fast["share_images"]:  # rows are prompt-major, G per prompt: encode images once
+            from hcm.model.vision_cache import rows_by_prompt, shared_image_logprobs
+
+            firsts, prompt_index = rows_by_prompt(rows, self.G)
+            pixels = rollout.pixels_of(firsts).to(model.dtype)  # each distinct prompt's tiles once
+            tiles = [rollout.tiles[r] for r in firsts]
+            return shared_image_logprobs(
+                model, ids, attn, pixels, tiles, prompt_index, mask, **kwargs
+            )
+        pixels = rollout.pixels_of(rows).to(model.dtype)
+        return completion_logprobs(model, ids, attn, pixels, mask, **kwargs)  # (len(rows), L)
 
     def _image_spec(self) -> tuple[int, int]:
         cfg = self.model.config
