@@ -159,6 +159,21 @@ def completion_logprobs(
         position_ids=position_ids_from_mask(attention_mask),
         use_cache=False,
     ).last_hidden_state  # (N, P+L, H)
+    return completion_from_hidden(
+        hidden, input_ids, prompt_len, model.lm_head, temperature, chunk_size
+    )
+
+
+def completion_from_hidden(
+    hidden: torch.Tensor,
+    input_ids: torch.Tensor,
+    prompt_len: int,
+    lm_head: nn.Module,
+    temperature: float = 1.0,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+) -> torch.Tensor:
+    """(N, L) log-probs of the completion tokens from the final hidden states (N, P+L, H):
+    position t predicts token t + 1, so the completion is read off positions P-1 .. P+L-2."""
     predicting = hidden[:, prompt_len - 1 : -1]  # (N, L, H)
     targets = input_ids[:, prompt_len:]  # (N, L)
-    return token_logprobs(predicting, model.lm_head, targets, temperature, chunk_size)
+    return token_logprobs(predicting, lm_head, targets, temperature, chunk_size)

@@ -19,7 +19,7 @@ from torch.utils.data import Dataset
 
 from hcm.benchmarks.readers import IMAGE_PLACEHOLDER, BenchmarkRecord
 from hcm.data.images import MAX_PIXELS, ImageError, to_rgb
-from hcm.prompts import split_on_images
+from hcm.model.chat import chat_messages
 
 
 @dataclass(frozen=True)
@@ -95,24 +95,7 @@ def benchmark_messages(
         text = text.replace(IMAGE_PLACEHOLDER, "")
         tags = [f"Image-{k}: " if n > 1 else "" for k in range(1, n + 1)]
         text = "".join(f"{tag}{IMAGE_PLACEHOLDER}\n" for tag in tags) + text
-    content: list[dict] = []
-    images = iter(sample.images)
-    for part in split_on_images(text):
-        if part is None:
-            content.append({"type": "image", "image": next(images)})
-            continue
-        # the chat template writes a newline after each image: it stands for this separator
-        if content and content[-1]["type"] == "image" and part[0] in " \n":
-            part = part[1:]
-        if part:
-            content.append({"type": "text", "text": part})
-    messages = []
-    if prompt.system is not None:
-        messages.append({"role": "system", "content": [{"type": "text", "text": prompt.system}]})
-    messages.append({"role": "user", "content": content})
-    if target is not None:
-        messages.append({"role": "assistant", "content": [{"type": "text", "text": target}]})
-    return messages
+    return chat_messages(text, list(sample.images), target, prompt.system)
 
 
 def labels(samples: Sequence[BenchmarkSample]) -> dict[str, list]:

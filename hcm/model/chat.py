@@ -75,10 +75,22 @@ def screening_messages(
     original, *candidates = sample.images
     text = expand_images(prompt_text, layout)
     images = [original, make_grid(candidates)] if layout == "grid" else [original, *candidates]
+    return chat_messages(text, images, target, system)
+
+
+def chat_messages(
+    text: str, images: list, target: str | None = None, system: str | None = None
+) -> list[dict]:
+    """HF chat messages from a text whose `<image>` placeholders take `images` in order:
+    [system], user (text and images interleaved), [assistant target].
+
+    The chat template writes a newline after each image, which stands for the separator (a
+    newline or a space) that opens the text after it, so that separator is dropped here.
+    """
     parts = split_on_images(text)
     if parts.count(None) != len(images):
         raise ValueError(
-            f"prompt has {parts.count(None)} image placeholders, {layout!r} needs {len(images)}"
+            f"prompt has {parts.count(None)} image placeholders for {len(images)} images"
         )
     content: list[dict] = []
     queue = iter(images)

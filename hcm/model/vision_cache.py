@@ -24,8 +24,8 @@ from torch import nn
 from hcm.logprobs import (
     DEFAULT_CHUNK_SIZE,
     check_completion_shapes,
+    completion_from_hidden,
     position_ids_from_mask,
-    token_logprobs,
 )
 
 
@@ -112,6 +112,6 @@ def shared_image_logprobs(
         position_ids=position_ids_from_mask(attention_mask),
         use_cache=False,
     ).last_hidden_state  # (N, P+L, H)
-    predicting = hidden[:, prompt_len - 1 : -1]  # (N, L, H)
-    targets = input_ids[:, prompt_len:]  # (N, L)
-    return token_logprobs(predicting, model.lm_head, targets, temperature, chunk_size)
+    return completion_from_hidden(
+        hidden, input_ids, prompt_len, model.lm_head, temperature, chunk_size
+    )
