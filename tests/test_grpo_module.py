@@ -412,3 +412,32 @@ def test_fit_logs_every_step_and_checkpoints_without_reference(compose_cfg, tmp_
     cfg, dm, again = build(compose_cfg, *overrides)
     with pytest.raises(RuntimeError, match="Missing key"):
         fit(cfg, dm, again, steps=3, ckpt_path=str(tmp_path / "broken.ckpt"))
+
+
+def test_fast_paths_keep_the_plain_modules_numbers(compose_cfg):
+    """Shared image encoding, a static cache and a padded vocabulary, wired through the module:
+    the same completions (greedy-equivalent top_k=1 sampling) and the same log-probs."""
+    sampling = ["module.sampling.top_k=1", "model.max_patches=4"]
+    _, dm, plain = build(compose_cfg, *sampling)
+    _, _, fast = build(
+        compose_cfg,
+        *sampling,
+        "module.fast.share_images=true",
+        "module.fast.cache=static",
+        "module.fast.max_cache_len=512",
+        "model.pad_vocab_to_multiple_of=128",
+    )
+    assert fast.model.lm_head.weight.shape[0] % 128 == 0  # the padded head is really in use
+    batch = uneven_prompts(dm)  # 3 tiles and 1 tile: the shared encoding must map groups right
+    torch.manual_seed(0)
+    r_plain = plain.rollout(batch)
+    torch.manual_seed(0)
+    r_fast = fast.rollout(batch)
+    assert torch.equal(r_plain.input_ids, r_fast.input_ids)
+    assert r_plain.texts == r_fast.texts
+    rows = [1, 2, 5, 7]  # a mini-batch that splits both groups
+    mask = r_plain.completion_mask[rows].bool()
+    for a, b in ((plain.model, fast.model), (plain.ref_model, fast.ref_model)):
+        want = plain._logprobs(a, r_plain, rows)
+        got = fast._logprobs(b, r_fast, rows)
+        assert torch.allclose(got[mask], want[mask], atol=1e-5), (got - want).abs().max()
