@@ -37,6 +37,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import make_screening_root
 from PIL import Image
 from torch.utils.data import DataLoader
 
@@ -47,21 +48,7 @@ from hcm.data.records import ManifestError, load_manifest
 
 
 def make_root(root: Path, n: int = 2) -> list[dict]:
-    rows = []
-    for i in range(n):
-        folder = root / "images" / f"s{i}"
-        folder.mkdir(parents=True)
-        for name in ("original", "A", "B", "C", "D"):
-            Image.new("RGB", (8, 8), (i, 0, 0)).save(folder / f"{name}.png")
-        rows.append(
-            {
-                "id": f"s{i}",
-                "original": f"images/s{i}/original.png",
-                "candidates": [f"images/s{i}/{x}.png" for x in "ABCD"],
-                "answer": "A",
-            }
-        )
-    return rows
+    return make_screening_root(root, n, answer="A")
 
 
 def write_raw(path: Path, lines: list[bytes | dict]) -> Path:

@@ -4,6 +4,7 @@ import json
 from pathlib import Path
 
 import pytest
+from helpers import make_screening_root
 from PIL import Image
 
 from hcm.data.records import (
@@ -17,23 +18,13 @@ from hcm.data.records import (
 
 
 def make_root(tmp_path: Path, n: int = 2) -> list[dict]:
-    rows = []
-    for i in range(n):
-        folder = tmp_path / "images" / f"s{i}"
-        folder.mkdir(parents=True)
-        for name in ("original", "A", "B", "C", "D"):
-            Image.new("RGB", (8, 8), (i, 0, 0)).save(folder / f"{name}.png")
-        rows.append(
-            {
-                "id": f"s{i}",
-                "original": f"images/s{i}/original.png",
-                "candidates": [f"images/s{i}/{x}.png" for x in "ABCD"],
-                "answer": "CA",
-                "dimensions": ["physical_shadow"],
-                "answer_cot": "<think>t</think><answer>AC</answer>",
-            }
-        )
-    return rows
+    return make_screening_root(
+        tmp_path,
+        n,
+        answer="CA",
+        dimensions=["physical_shadow"],
+        answer_cot="<think>t</think><answer>AC</answer>",
+    )
 
 
 def write_lines(path: Path, rows: list) -> Path:
