@@ -36,27 +36,6 @@ def _check_chunk_size(chunk_size: int) -> None:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
 
 
-def selective_log_softmax(
-    logits: torch.Tensor, index: torch.Tensor, chunk_size: int = DEFAULT_CHUNK_SIZE
-) -> torch.Tensor:
-    """`log_softmax(logits, -1)` gathered at `index`, (..., V), (...) -> (...), in float32 or wider.
-
-    Rows are upcast `chunk_size` at a time, so bf16 logits never exist as one float32 copy.
-    """
-    _check_chunk_size(chunk_size)
-    if logits.shape[:-1] != index.shape:
-        raise ValueError(f"index shape {tuple(index.shape)} != logits' {tuple(logits.shape[:-1])}")
-    rows = logits.reshape(-1, logits.shape[-1])  # (R, V)
-    flat_index = index.reshape(-1)  # (R,)
-    chunks = [
-        _rows_logprobs(
-            rows[start : start + chunk_size], flat_index[start : start + chunk_size], 1.0
-        )
-        for start in range(0, rows.shape[0], chunk_size)
-    ]
-    return torch.cat(chunks).view(index.shape)
-
-
 def _head_logprobs(
     hidden: torch.Tensor, lm_head: nn.Module, index: torch.Tensor, temperature: float
 ) -> torch.Tensor:
