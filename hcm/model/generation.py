@@ -33,7 +33,7 @@ import torch
 from transformers import GenerationConfig, StoppingCriteriaList, StopStringCriteria
 from transformers.generation.configuration_utils import CompileConfig
 
-from hcm.model.inputs import repeat_batch
+from hcm.model.inputs import repeat_batch, tiles_per_row
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "pixel_values")
 CACHES = ("dynamic", "static")
@@ -215,7 +215,7 @@ def _shared_image_inputs(model, inputs: dict, repeats: int) -> dict:
     from hcm.model.vision_cache import embeds_with_shared_images, image_features
 
     cfg = model.config
-    tiles = ((inputs["input_ids"] == cfg.image_token_id).sum(1) // cfg.image_seq_length).tolist()
+    tiles = tiles_per_row(inputs["input_ids"], cfg.image_token_id, cfg.image_seq_length)
     features = image_features(model, inputs["pixel_values"].to(model.dtype))  # (tiles, T_img, D)
     input_ids = inputs["input_ids"].repeat_interleave(repeats, dim=0)  # (B*G, P)
     prompt_index = torch.arange(len(tiles), device=input_ids.device).repeat_interleave(repeats)

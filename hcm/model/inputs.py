@@ -181,6 +181,12 @@ class InputBuilder:
         return batch
 
 
+def tiles_per_row(input_ids: torch.Tensor, image_token_id: int, image_seq_length: int) -> list[int]:
+    """Image tiles of each row, read off its `<IMG_CONTEXT>` count: pixel_values is flattened
+    over the batch, and this is how its tiles split by row."""
+    return ((input_ids == image_token_id).sum(dim=1) // image_seq_length).tolist()  # (B,)
+
+
 def repeat_batch(
     batch: Mapping[str, torch.Tensor], repeats: int, image_token_id: int, image_seq_length: int
 ) -> dict[str, torch.Tensor]:
@@ -192,9 +198,8 @@ def repeat_batch(
     """
     out = {k: v.repeat_interleave(repeats, dim=0) for k, v in batch.items() if k != "pixel_values"}
     if "pixel_values" in batch:
-        n_image_tokens = (batch["input_ids"] == image_token_id).sum(dim=1)  # (B,)
-        tiles_per_row = (n_image_tokens // image_seq_length).tolist()
-        per_row = torch.split(batch["pixel_values"], tiles_per_row)
+        tiles = tiles_per_row(batch["input_ids"], image_token_id, image_seq_length)
+        per_row = torch.split(batch["pixel_values"], tiles)
         out["pixel_values"] = torch.cat([t for t in per_row for _ in range(repeats)])
     return out
 

@@ -390,8 +390,9 @@ class GRPOModule(ScreeningModule):
         return cfg.image_token_id, cfg.image_seq_length
 
     def _tiles(self, input_ids: torch.Tensor) -> list[int]:
-        token_id, seq_len = self._image_spec()
-        return ((input_ids == token_id).sum(1) // seq_len).tolist()
+        from hcm.model.inputs import tiles_per_row
+
+        return tiles_per_row(input_ids, *self._image_spec())
 
     def _select_prompts(self, inputs: dict, prompts: list[int]) -> dict:
         """The sub-batch of the given prompts, with their image tiles."""
