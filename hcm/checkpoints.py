@@ -14,6 +14,8 @@ through a flipped byte in tensor data.
 
 `capture_rng` / `restore_rng`: Lightning saves no RNG state, and GRPO's sampling draws from the
 global torch RNG, so the modules store it in every checkpoint (weights_only-loadable values).
+`rank_seed`: every rank starts from the run's one seed (the model and the data order must agree),
+then draws its own torch stream, so the ranks' completions are not sampled with the same noise.
 """
 
 from __future__ import annotations
@@ -136,6 +138,13 @@ def capture_rng() -> dict[str, Any]:
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
+
+
+def rank_seed(seed: int, rank: int) -> int:
+    """A seed of its own for each rank of a run seeded with `seed` (rank 0 included), drawn
+    from both so that no rank's stream is another run's: `seed + rank` would give rank 1 of
+    seed 0 the stream of rank 0 of seed 1."""
+    return int(np.random.SeedSequence([seed, rank]).generate_state(1)[0])
 
 
 def restore_rng(state: dict[str, Any]) -> None:

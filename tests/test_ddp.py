@@ -5,8 +5,10 @@ same global batches. DDP averages the ranks' gradients, each the mean over its o
 1-process run that does the same is batch 1 with 2 accumulated micro-batches (a doubled batch
 would instead average over the tokens of both samples at once: another loss when the samples'
 target lengths differ). Both runs use DDP's distributed sampler, so step k's global batch is the
-same two samples. GRPO samples, so its run is checked for what DDP must give it: each rank its
-own prompts (the hard-case sampler's shards), and the same weights on both ranks after the step.
+same two samples. GRPO samples, so its runs are checked for what DDP must give them: each rank
+its own prompts (the hard-case sampler's shards) and its own sampling noise, the same weights on
+both ranks after the steps, and the same weights whether a rank's completions go through one
+backward or through mini-batches whose gradients are all-reduced once, at the last.
 FSDP needs a GPU in Lightning: its config is checked to compose and build its strategy.
 """
 
@@ -30,9 +32,10 @@ RECORDER = textwrap.dedent(
     """
     import hashlib, json
     import lightning as L
+    import torch
 
     class Record(L.Callback):
-        '''Per rank: the sample ids of each batch, then a hash of the trained weights.'''
+        '''Per rank: each batch's sample ids and torch RNG state, then the trained weights.'''
 
         def __init__(self, path):
             self.path = path
@@ -42,7 +45,9 @@ RECORDER = textwrap.dedent(
                 f.write(json.dumps(row) + "\\n")
 
         def on_train_batch_start(self, trainer, module, batch, batch_idx):
-            self._write(trainer, {"step": trainer.global_step, "ids": list(batch["ids"])})
+            rng = hashlib.sha256(torch.get_rng_state().numpy().tobytes()).hexdigest()
+            row = {"step": trainer.global_step, "ids": list(batch["ids"]), "rng": rng}
+            self._write(trainer, row)
 
         def on_train_end(self, trainer, module):
             blob = b"".join(p.detach().cpu().numpy().tobytes() for p in module.model.parameters())
@@ -52,13 +57,30 @@ RECORDER = textwrap.dedent(
 )
 
 
-def train_cli(tmp_path: Path, name: str, *overrides: str) -> Path:
-    """Run train.py in a subprocess (Lightning re-launches it per rank); returns its run dir."""
+# train.py with the toy reward of test_grpo_learning registered first, on every rank (Lightning
+# re-launches this script): the random tiny model earns no screening reward, and GRPO with all
+# advantages 0 and the policy equal to the reference has no gradient to all-reduce.
+TOY_TRAIN = textwrap.dedent(
+    f"""
+    from hcm.rewards import REWARDS
+
+    REWARDS["letter_e"] = lambda completion: completion.count("e") / max(len(completion), 1)
+    # exec, not runpy: runpy sets argv[0] to train.py, the script Lightning re-launches per rank
+    train = {str(REPO / "train.py")!r}
+    exec(compile(open(train).read(), train, "exec"), {{"__name__": "__main__", "__file__": train}})
+    """
+)
+TOY_REWARD = ["~module.rewards", "+module.rewards={letter_e:1.0}"]
+
+
+def train_cli(tmp_path: Path, name: str, *overrides: str, script: str = "train.py") -> Path:
+    """Run `script` (train.py, or one in tmp_path) in a subprocess (Lightning re-launches it per
+    rank); returns its run dir."""
     run = tmp_path / name
     env = {**os.environ, "PYTHONPATH": str(tmp_path), "PYTHONUNBUFFERED": "1"}
     args = [
         sys.executable,
-        str(REPO / "train.py"),
+        str(REPO / script) if script == "train.py" else str(tmp_path / script),
         "trainer=ddp",
         "trainer.accelerator=cpu",
         "trainer.limit_val_batches=0",
@@ -80,6 +102,7 @@ def records(run: Path, rank: int) -> list[dict]:
 @pytest.fixture
 def recorder(tmp_path, compose_cfg):
     (tmp_path / "hcm_record.py").write_text(RECORDER)
+    (tmp_path / "toy_train.py").write_text(TOY_TRAIN)
     # Built here, not by the ranks: transformers' save_pretrained writes no weights on a rank > 0
     # once torch.distributed is up, and that rank may win ensure_tiny_model's rename.
     from hcm.model.loading import resolve_name_or_path
@@ -121,18 +144,39 @@ def test_ddp_sft_equals_one_process_on_the_same_global_batches(tmp_path, hcm_roo
 
 @pytest.mark.slow
 def test_ddp_grpo_shards_prompts_and_keeps_ranks_in_sync(tmp_path, hcm_root, recorder):
-    run = train_cli(
-        tmp_path, "grpo", "experiment=tiny_grpo", "trainer.devices=2", "data.batch_size=1",
-        "data.switch_epoch=1", "trainer.limit_train_batches=2", "callbacks.progress_bar=null",
-    )  # fmt: skip
-    seen = [[i for r in records(run, k) if "ids" in r for i in r["ids"]] for k in (0, 1)]
-    assert len(seen[0]) == len(seen[1]) == 2
-    assert not set(seen[0]) & set(seen[1])  # each rank its own prompts
-    finals = [records(run, k)[-1] for k in (0, 1)]
-    assert finals[0]["world_size"] == 2
-    assert finals[0]["weights"] == finals[1]["weights"]  # gradients were all-reduced
-    done = json.loads((run / "stage.json").read_text())
-    assert done["kind"] == "grpo"
+    grpo = [
+        "experiment=tiny_grpo", "trainer.devices=2", "data.batch_size=1", "data.switch_epoch=1",
+        "trainer.limit_train_batches=2", "callbacks.progress_bar=null", *TOY_REWARD,
+    ]  # fmt: skip
+    # 4 completions per rank in mini-batches of 2: the first backward skips DDP's all-reduce
+    run = train_cli(tmp_path, "grpo", *grpo, "module.mini_batch_size=2", script="toy_train.py")
+    whole = train_cli(tmp_path, "whole", *grpo, script="toy_train.py")  # one all-reduced backward
+    for r in (run, whole):
+        seen = [[i for b in records(r, k) if "ids" in b for i in b["ids"]] for k in (0, 1)]
+        assert len(seen[0]) == len(seen[1]) == 2
+        assert not set(seen[0]) & set(seen[1])  # each rank its own prompts
+        firsts = [records(r, k)[0]["rng"] for k in (0, 1)]
+        assert firsts[0] != firsts[1]  # each rank samples with its own noise
+        finals = [records(r, k)[-1] for k in (0, 1)]
+        assert finals[0]["world_size"] == 2
+        assert finals[0]["weights"] == finals[1]["weights"]  # gradients were all-reduced
+        assert json.loads((r / "stage.json").read_text())["kind"] == "grpo"
+    # the same rollouts (same seeds), so the accumulated-then-reduced gradient must train the
+    # weights the single all-reduced backward trains
+    assert [b["ids"] for b in records(run, 0) if "ids" in b] == [
+        b["ids"] for b in records(whole, 0) if "ids" in b
+    ]
+    mini = load_file(run / "model" / "model.safetensors")
+    full = load_file(whole / "model" / "model.safetensors")
+    init = load_file(Path(hcm_root) / ".cache" / "tiny-internvl3" / "model.safetensors")
+    key = next(k for k in full if k.endswith("layers.0.mlp.up_proj.weight"))
+    assert (full[key] - init[key]).abs().max() > 1e-5  # the steps moved the weights
+    # AdamW's first steps move each weight by about lr * sign(g) (lr 1e-4 here), so float-level
+    # differences between summing mini-batches and one backward flip a few near-zero gradients
+    # (seen: 4e-6, the same without no_sync); a gradient missing a mini-batch or a rank moves
+    # many weights by up to 2 * lr.
+    for name, value in full.items():
+        torch.testing.assert_close(mini[name], value, rtol=0, atol=1e-5, msg=name)
 
 
 def test_fsdp_config_composes_and_builds_its_strategy(compose_cfg):

@@ -24,7 +24,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from hcm.checkpoints import AtomicCheckpointIO, CheckpointError, checkpoint_problem
+from hcm.checkpoints import AtomicCheckpointIO, CheckpointError, checkpoint_problem, rank_seed
 from hcm.data.datamodule import ResumableSampler
 from hcm.evaluate import evaluate
 from hcm.modules.base import scheduled_steps, warmup_cosine
@@ -222,3 +222,10 @@ def test_eval_names_a_corrupt_checkpoint(compose_cfg, tmp_path):
     cfg = compose_cfg("eval", ["experiment=tiny_eval", f"ckpt_path={bad}"])
     with pytest.raises(CheckpointError, match="truncated or corrupt"):
         evaluate(cfg)
+
+
+def test_rank_seeds_are_distinct_fixed_and_not_another_runs():
+    seeds = {(s, r): rank_seed(s, r) for s in range(4) for r in range(8)}
+    assert len(set(seeds.values())) == len(seeds)  # seed + rank would give (0, 1) == (1, 0)
+    assert rank_seed(3, 5) == seeds[(3, 5)]  # a function of (seed, rank) alone
+    assert all(0 <= v < 2**32 for v in seeds.values())  # a valid torch.manual_seed

@@ -3,8 +3,9 @@
 Validation and test generate an answer for each test prompt (greedy by default) and feed the
 section-5.1 `ScreeningScore`, logged as `val/score/<key>` / `test/score/<key>`.
 
-Every checkpoint also holds each rank's RNG states (Lightning saves none), put back just before
-the first training batch after a resume, so a resumed run samples what an uninterrupted one would.
+Under DDP each rank samples from its own torch stream (`rank_seed`). Every checkpoint also holds
+each rank's RNG states (Lightning saves none), put back just before the first training batch
+after a resume, so a resumed run samples what an uninterrupted one would.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from typing import Any
 import lightning as L
 import torch
 
-from hcm.checkpoints import capture_rng, restore_rng
+from hcm.checkpoints import capture_rng, rank_seed, restore_rng
 from hcm.faults import fault_point
 from hcm.metrics import ScreeningScore
 
@@ -154,6 +155,13 @@ class ScreeningModule(L.LightningModule):
         if len(states) != (self.trainer.world_size if self._trainer is not None else 1):
             log.warning("the checkpoint holds the RNG states of %d ranks", len(states))
         self._resumed_rng = states[rank % len(states)]
+
+    def on_fit_start(self) -> None:
+        # With one seed on every rank, each rank would draw the same noise for its own prompts'
+        # completions (correlated samples across the global batch). A resume puts back each
+        # rank's saved stream instead (on_train_batch_start).
+        if self.trainer.world_size > 1:
+            torch.manual_seed(rank_seed(torch.initial_seed(), self.trainer.global_rank))
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         # Here, not when the checkpoint loads: whatever Lightning draws while it resumes (setting

@@ -28,6 +28,7 @@ steps, mu per rollout.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from dataclasses import dataclass
@@ -200,6 +201,7 @@ class GRPOModule(ScreeningModule):
 
     # -- hard-case mining ------------------------------------------------------------------------
     def on_fit_start(self) -> None:
+        super().on_fit_start()
         dm = self.trainer.datamodule
         if dm.composition == "all" or dm.hard_indices_known:
             return
@@ -286,32 +288,47 @@ class GRPOModule(ScreeningModule):
         """
         n_tokens = int(rollout.completion_mask.sum())
         totals: dict[str, torch.Tensor] = {}
-        for rows in minibatches(rollout.size, self.mini_batch_size):
-            mask = rollout.completion_mask[rows]  # (n, L)
-            logprobs = self._logprobs(self.model, rollout, rows)  # (n, L), with grad
-            old = logprobs.detach() if rollout.old_logprobs is None else rollout.old_logprobs[rows]
-            ref = None if rollout.ref_logprobs is None else rollout.ref_logprobs[rows]
-            loss, stats = policy_loss(
-                logprobs,
-                old,
-                ref,
-                rollout.advantages[rows],
-                mask,
-                clip_eps=self.clip_eps,
-                clip_eps_high=self.clip_eps_high,
-                beta=self.beta,
-                level=self.loss_level,
-                agg=self.loss_agg,
-            )
-            share = loss_share(mask, rollout.size, n_tokens, self.loss_agg)
-            self.manual_backward(loss * share)
-            # The stats are masked means over tokens: weigh them by token share.
-            token_share = int(mask.sum()) / max(n_tokens, 1)
-            weighted = {"loss": loss.detach() * share}
-            weighted |= {k: v.detach() * token_share for k, v in stats.items()}
-            for k, v in weighted.items():
+        chunks = minibatches(rollout.size, self.mini_batch_size)
+        for i, rows in enumerate(chunks):
+            with contextlib.nullcontext() if i == len(chunks) - 1 else self._no_grad_sync():
+                stats = self._backward(rollout, rows, n_tokens)
+            for k, v in stats.items():
                 totals[k] = totals.get(k, 0.0) + v
         return {k: float(v) for k, v in totals.items()}
+
+    def _no_grad_sync(self):
+        """DDP: the mini-batches before the last accumulate locally, and the last backward
+        all-reduces the sum (one all-reduce per optimizer step, not one per mini-batch)."""
+        strategy = self._trainer.strategy if self._trainer is not None else None
+        if hasattr(strategy, "block_backward_sync"):  # DDP; a no-op under FSDP
+            return strategy.block_backward_sync()
+        return contextlib.nullcontext()
+
+    def _backward(self, rollout: Rollout, rows: list[int], n_tokens: int) -> dict:
+        """Backward of one mini-batch's weighted loss; its weighted statistics (tensors)."""
+        mask = rollout.completion_mask[rows]  # (n, L)
+        logprobs = self._logprobs(self.model, rollout, rows)  # (n, L), with grad
+        old = logprobs.detach() if rollout.old_logprobs is None else rollout.old_logprobs[rows]
+        ref = None if rollout.ref_logprobs is None else rollout.ref_logprobs[rows]
+        loss, stats = policy_loss(
+            logprobs,
+            old,
+            ref,
+            rollout.advantages[rows],
+            mask,
+            clip_eps=self.clip_eps,
+            clip_eps_high=self.clip_eps_high,
+            beta=self.beta,
+            level=self.loss_level,
+            agg=self.loss_agg,
+        )
+        share = loss_share(mask, rollout.size, n_tokens, self.loss_agg)
+        self.manual_backward(loss * share)
+        # The stats are masked means over tokens: weigh them by token share.
+        token_share = int(mask.sum()) / max(n_tokens, 1)
+        weighted = {"loss": loss.detach() * share}
+        weighted |= {k: v.detach() * token_share for k, v in stats.items()}
+        return weighted
 
     def _sample(self, inputs: dict) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
         """G completions per prompt (generate masks InternVL's image and chat tokens)."""
