@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
 
 from PIL import Image
+
+TESTS = Path(__file__).resolve().parent
 
 
 def make_screening_root(root: Path, n: int = 2, **fields) -> list[dict]:
@@ -24,3 +27,30 @@ def make_screening_root(root: Path, n: int = 2, **fields) -> list[dict]:
             }
         )
     return rows
+
+
+def letter_e(completion: str) -> float:
+    """A toy reward: the fraction of the characters that are "e" (0 for an empty completion).
+    The random tiny model's completions vary in it, unlike the format and DPA rewards (0).
+
+    >>> letter_e("tree")
+    0.5
+    """
+    return completion.count("e") / len(completion) if completion else 0.0
+
+
+def toy_reward_site() -> str:
+    """A sitecustomize.py registering `letter_e` as a reward at interpreter start: written on the
+    PYTHONPATH of a train.py subprocess (and so of every DDP rank Lightning re-launches), it lets
+    the run's config name `module.rewards.letter_e`."""
+    return textwrap.dedent(
+        f"""
+        import sys
+
+        sys.path.append({str(TESTS)!r})
+        from helpers import letter_e
+        from hcm.rewards import REWARDS
+
+        REWARDS["letter_e"] = letter_e
+        """
+    )

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import toy_reward_site
 from hydra.utils import instantiate
 from safetensors.torch import load_file
 
@@ -57,30 +58,18 @@ RECORDER = textwrap.dedent(
 )
 
 
-# train.py with the toy reward of test_grpo_learning registered first, on every rank (Lightning
-# re-launches this script): the random tiny model earns no screening reward, and GRPO with all
-# advantages 0 and the policy equal to the reference has no gradient to all-reduce.
-TOY_TRAIN = textwrap.dedent(
-    f"""
-    from hcm.rewards import REWARDS
-
-    REWARDS["letter_e"] = lambda completion: completion.count("e") / max(len(completion), 1)
-    # exec, not runpy: runpy sets argv[0] to train.py, the script Lightning re-launches per rank
-    train = {str(REPO / "train.py")!r}
-    exec(compile(open(train).read(), train, "exec"), {{"__name__": "__main__", "__file__": train}})
-    """
-)
+# The random tiny model earns no screening reward: GRPO with all advantages 0 and the policy
+# equal to the reference has no gradient to all-reduce. This toy reward varies.
 TOY_REWARD = ["~module.rewards", "+module.rewards={letter_e:1.0}"]
 
 
-def train_cli(tmp_path: Path, name: str, *overrides: str, script: str = "train.py") -> Path:
-    """Run `script` (train.py, or one in tmp_path) in a subprocess (Lightning re-launches it per
-    rank); returns its run dir."""
+def train_cli(tmp_path: Path, name: str, *overrides: str) -> Path:
+    """Run train.py in a subprocess (Lightning re-launches it per rank); returns its run dir."""
     run = tmp_path / name
     env = {**os.environ, "PYTHONPATH": str(tmp_path), "PYTHONUNBUFFERED": "1"}
     args = [
         sys.executable,
-        str(REPO / script) if script == "train.py" else str(tmp_path / script),
+        str(REPO / "train.py"),
         "trainer=ddp",
         "trainer.accelerator=cpu",
         "trainer.limit_val_batches=0",
@@ -102,7 +91,6 @@ def records(run: Path, rank: int) -> list[dict]:
 @pytest.fixture
 def recorder(tmp_path, compose_cfg):
     (tmp_path / "hcm_record.py").write_text(RECORDER)
-    (tmp_path / "toy_train.py").write_text(TOY_TRAIN)
     # Built here, not by the ranks: transformers' save_pretrained writes no weights on a rank > 0
     # once torch.distributed is up, and that rank may win ensure_tiny_model's rename.
     from hcm.model.loading import resolve_name_or_path
@@ -148,9 +136,10 @@ def test_ddp_grpo_shards_prompts_and_keeps_ranks_in_sync(tmp_path, hcm_root, rec
         "experiment=tiny_grpo", "trainer.devices=2", "data.batch_size=1", "data.switch_epoch=1",
         "trainer.limit_train_batches=2", "callbacks.progress_bar=null", *TOY_REWARD,
     ]  # fmt: skip
+    (tmp_path / "sitecustomize.py").write_text(toy_reward_site())  # tmp_path: on PYTHONPATH
     # 4 completions per rank in mini-batches of 2: the first backward skips DDP's all-reduce
-    run = train_cli(tmp_path, "grpo", *grpo, "module.mini_batch_size=2", script="toy_train.py")
-    whole = train_cli(tmp_path, "whole", *grpo, script="toy_train.py")  # one all-reduced backward
+    run = train_cli(tmp_path, "grpo", *grpo, "module.mini_batch_size=2")
+    whole = train_cli(tmp_path, "whole", *grpo)  # one all-reduced backward
     for r in (run, whole):
         seen = [[i for b in records(r, k) if "ids" in b for i in b["ids"]] for k in (0, 1)]
         assert len(seen[0]) == len(seen[1]) == 2

@@ -12,6 +12,7 @@ from __future__ import annotations
 import lightning as L
 import pytest
 import torch
+from helpers import letter_e
 from hydra.utils import instantiate
 
 from hcm.rewards import REWARDS
@@ -32,15 +33,6 @@ FAST = [
     "trainer.limit_train_batches=null",
     "trainer.limit_val_batches=0",
 ]
-
-
-def letter_e(completion: str) -> float:
-    """Fraction of the characters that are "e" (0 for an empty completion).
-
-    >>> letter_e("tree")
-    0.5
-    """
-    return completion.count("e") / len(completion) if completion else 0.0
 
 
 class RewardTrace(L.Callback):

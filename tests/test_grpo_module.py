@@ -7,6 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from helpers import letter_e
 from hydra.utils import instantiate
 from lightning.pytorch.loggers import Logger
 from PIL import Image
@@ -352,11 +353,6 @@ LOGGED = {
     "train/time/rollout",
     "train/time/update",
 }
-
-
-def letter_e(completion: str) -> float:
-    """A reward the random tiny model's completions vary in (the format and DPA ones are 0)."""
-    return completion.count("e") / len(completion) if completion else 0.0
 
 
 @pytest.mark.slow

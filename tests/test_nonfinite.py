@@ -13,6 +13,7 @@ import math
 import lightning as L
 import pytest
 import torch
+from helpers import letter_e
 from hydra.utils import instantiate
 from lightning.pytorch.loggers import Logger
 
@@ -150,9 +151,6 @@ def test_consecutive_skips_stop_with_the_last_good_weights(compose_cfg, tmp_path
 @pytest.mark.slow
 def test_grpo_skips_a_nan_reward(compose_cfg, tmp_path, monkeypatch):
     steps = []  # the global step of each rollout, to poison its rewards
-
-    def letter_e(completion: str) -> float:
-        return completion.count("e") / len(completion) if completion else 0.0
 
     def poison(completion: str) -> float:
         return float("nan") if steps[-1] in POISON else 0.0

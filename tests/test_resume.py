@@ -17,11 +17,11 @@ import os
 import signal
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
 import torch
+from helpers import toy_reward_site
 from omegaconf import OmegaConf
 
 from hcm.checkpoints import AtomicCheckpointIO, CheckpointError, checkpoint_problem, rank_seed
@@ -34,16 +34,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 # GRPO needs rewards that vary for the random tiny model, or its weights never move and a
 # broken resume could still match: a reward for the letter e, registered at interpreter start.
-SITE = textwrap.dedent(
-    """
-    from hcm.rewards import REWARDS
-
-    def letter_e(completion):
-        return completion.count("e") / len(completion) if completion else 0.0
-
-    REWARDS["letter_e"] = letter_e
-    """
-)
+SITE = toy_reward_site()
 PIPELINE = [
     "experiment=tiny_hcm",
     "pipeline.sft_1_1=null",
