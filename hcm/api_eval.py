@@ -208,7 +208,6 @@ def answer_all(
 
 def evaluate_api(cfg: DictConfig, datamodule: Any) -> tuple[dict[str, float], Any]:
     """Score `cfg.model` behind `cfg.model.api` on the evaluation split: (results, metric)."""
-    from hcm.metrics import ScreeningScore
     from hcm.train import finish_loggers, make_loggers
 
     api = dict(cfg.model.api)
@@ -222,10 +221,8 @@ def evaluate_api(cfg: DictConfig, datamodule: Any) -> tuple[dict[str, float], An
     responses = answer_all(
         client, ids, messages, Path(cfg.paths.output_dir) / "responses.jsonl", concurrency
     )
-    make = getattr(datamodule, "make_metric", None)
-    metric = make() if make is not None else ScreeningScore()
-    keys = getattr(metric, "batch_keys", ("answers", "dimensions"))
-    metric.update(responses, *(labels[k] for k in keys))
+    metric = datamodule.make_metric()
+    metric.update(responses, *(labels[k] for k in metric.batch_keys))
     results = {f"test/score/{k}": float(v) for k, v in metric.compute().items()}
     loggers = make_loggers(cfg)
     try:

@@ -18,39 +18,11 @@ from omegaconf import DictConfig, open_dict
 
 from hcm.checkpoints import CheckpointError, checkpoint_problem
 from hcm.config import validate
-from hcm.data.records import DIMENSIONS, atomic_write_text
+from hcm.data.records import atomic_write_text
 from hcm.modules.base import ScreeningModule
 from hcm.train import finish_loggers, make_loggers, resolve_precision
 
 log = logging.getLogger(__name__)
-
-COLUMNS = ("overall", *DIMENSIONS)
-HEADERS = (
-    "Overall Score",
-    "Appearance Deformation",
-    "Physical Shadow",
-    "Placement Layout",
-    "Extension Rationality",
-)
-
-
-def score_table(
-    results: dict[str, float], model: str, prompt: str, prefix: str = "test/score/"
-) -> str:
-    """Markdown in the layout of the paper's Table 3: the random-guess row, then the model's."""
-
-    def row(name: str, prompt_type: str, keys: list[str]) -> str:
-        cells = [f"{results[prefix + k]:.2f}" if prefix + k in results else "n/a" for k in keys]
-        return f"| {name} | {prompt_type} | " + " | ".join(cells) + " |"
-
-    head = "| Models | Prompt Type | " + " | ".join(HEADERS) + " |"
-    sep = "|" + "---|" * (len(HEADERS) + 2)
-    random_keys = ["random_baseline", *(f"random_baseline/{d}" for d in DIMENSIONS)]
-    lines = [head, sep, row("Random", "-", random_keys), row(model, prompt, list(COLUMNS))]
-    extra = [k for k in ("exact_match", "mean_dpa", "valid_rate", "count") if prefix + k in results]
-    lines.append("")
-    lines.append(", ".join(f"{k} {results[prefix + k]:.2f}" for k in extra))
-    return "\n".join(lines)
 
 
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
@@ -79,8 +51,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
             finish_loggers(loggers)
         results, metric = module.test_results, module.test_score
     model_name = str(cfg.get("ckpt_path") or cfg.model.name_or_path)
-    render = getattr(metric, "table", score_table)  # the layout of the metric's paper table
-    table = render(
+    table = metric.table(  # the layout of the metric's paper table
         results,
         Path(model_name).name or model_name,
         cfg.prompt.name.capitalize() if cfg.prompt.name != "cot" else "CoT",

@@ -22,11 +22,20 @@ from hcm.answers import extract_answer, is_acceptable
 from hcm.data.records import DIMENSIONS, OPTIONS, canonical_answer
 
 N_CHOICES = len(OPTIONS) + 1  # A-D and N
+COLUMNS = ("overall", *DIMENSIONS)
+HEADERS = (
+    "Overall Score",
+    "Appearance Deformation",
+    "Physical Shadow",
+    "Placement Layout",
+    "Extension Rationality",
+)
 
 
 class ScreeningScore(Metric):
     full_state_update = False
     higher_is_better = True
+    batch_keys = ("answers", "dimensions")  # what update() reads from a prompt batch
 
     def __init__(self, **kwargs) -> None:
         super().__init__(**kwargs)
@@ -78,3 +87,24 @@ class ScreeningScore(Metric):
         out["valid_rate"] = pct(self.valid)[0]
         out["count"] = self.count[0].float()
         return out
+
+    @staticmethod
+    def table(
+        results: dict[str, float], model: str, prompt: str, prefix: str = "test/score/"
+    ) -> str:
+        """Markdown in the layout of the paper's Table 3: the random-guess row, then the model's."""
+
+        def row(name: str, prompt_type: str, keys: list[str]) -> str:
+            cells = [f"{results[prefix + k]:.2f}" if prefix + k in results else "n/a" for k in keys]
+            return f"| {name} | {prompt_type} | " + " | ".join(cells) + " |"
+
+        head = "| Models | Prompt Type | " + " | ".join(HEADERS) + " |"
+        sep = "|" + "---|" * (len(HEADERS) + 2)
+        random_keys = ["random_baseline", *(f"random_baseline/{d}" for d in DIMENSIONS)]
+        lines = [head, sep, row("Random", "-", random_keys), row(model, prompt, list(COLUMNS))]
+        extra = [
+            k for k in ("exact_match", "mean_dpa", "valid_rate", "count") if prefix + k in results
+        ]
+        lines.append("")
+        lines.append(", ".join(f"{k} {results[prefix + k]:.2f}" for k in extra))
+        return "\n".join(lines)

@@ -32,6 +32,7 @@ from hcm.data.datasets import (
 )
 from hcm.data.records import ScreeningRecord, load_manifest, manifest_hash
 from hcm.data.sampler import HardCaseSampler
+from hcm.metrics import ScreeningScore
 from hcm.prompts import Prompt
 
 log = logging.getLogger(__name__)
@@ -184,6 +185,10 @@ class ScreeningDataModule(L.LightningDataModule):
         if self.mode == "grpo" and stage in (None, "fit"):
             self.train_dataset = SampleDataset(self.load(self.train_split))
         self.eval_dataset = SampleDataset(self.load(self.eval_split)[: self.limit_eval])
+
+    def make_metric(self) -> ScreeningScore:
+        """The section-5.1 score: what validation and test log."""
+        return ScreeningScore()
 
     def set_hard_cases(self, indices: Sequence[int]) -> None:
         """Hard-case indices into the train split, from mining (hcm.mining)."""

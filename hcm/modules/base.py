@@ -181,14 +181,14 @@ class ScreeningModule(L.LightningModule):
 
     def setup(self, stage: str) -> None:
         # The datamodule chooses the metric: the public benchmarks score accuracy, not 5.1's.
+        # (A datamodule without one, like the benchmark's fixed batches, keeps ScreeningScore.)
         make = getattr(getattr(self.trainer, "datamodule", None), "make_metric", None)
         if make is not None:
             self.val_score, self.test_score = make(), make()
 
     def _score_step(self, batch: dict, metric: ScreeningScore) -> None:
         completions = self.answer(batch)
-        keys = getattr(metric, "batch_keys", ("answers", "dimensions"))  # what update() reads
-        metric.update(completions, *(batch[k] for k in keys))
+        metric.update(completions, *(batch[k] for k in metric.batch_keys))
 
     def _log_score(self, metric: ScreeningScore, prefix: str) -> dict[str, float]:
         values = {f"{prefix}/score/{k}": v for k, v in metric.compute().items()}
