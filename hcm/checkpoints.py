@@ -126,6 +126,14 @@ def checkpoint_problem(path: str | Path) -> str | None:
     return None
 
 
+def check_checkpoint(path: str | Path) -> None:
+    """Raise CheckpointError, naming `ckpt_path`, when `path` is not a whole checkpoint: said
+    before anything loads, rather than torch's "failed finding central directory"."""
+    problem = checkpoint_problem(path)
+    if problem:
+        raise CheckpointError(f"ckpt_path={path}: {problem}")
+
+
 # -- RNG state ------------------------------------------------------------------------------------
 def capture_rng() -> dict[str, Any]:
     """This process's torch (CPU and CUDA), numpy and Python RNG states, weights_only-loadable."""

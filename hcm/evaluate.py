@@ -16,7 +16,7 @@ import lightning as L
 from hydra.utils import instantiate
 from omegaconf import DictConfig, open_dict
 
-from hcm.checkpoints import CheckpointError, checkpoint_problem
+from hcm.checkpoints import check_checkpoint
 from hcm.config import validate
 from hcm.data.records import atomic_write_text
 from hcm.modules.base import ScreeningModule
@@ -30,9 +30,8 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         cfg.data.mode = "eval"
     validate(cfg)
     ckpt = cfg.get("ckpt_path")
-    problem = checkpoint_problem(ckpt) if ckpt and Path(ckpt).is_file() else None
-    if problem:  # say so, rather than torch's "failed finding central directory"
-        raise CheckpointError(f"ckpt_path={ckpt}: {problem}")
+    if ckpt and Path(ckpt).is_file():
+        check_checkpoint(ckpt)
     resolve_precision(cfg)
     L.seed_everything(cfg.seed, workers=True)
     output_dir = Path(cfg.paths.output_dir)

@@ -22,6 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from hcm.checkpoints import (
     CheckpointError,
+    check_checkpoint,
     checkpoint_problem,
     previous_path,
     remove_temporaries,
@@ -90,9 +91,7 @@ def last_checkpoint(cfg: DictConfig, output_dir: Path) -> str | None:
     if ckpt != "last":
         if not Path(ckpt).is_file():
             raise FileNotFoundError(f"ckpt_path={ckpt} does not exist")
-        problem = checkpoint_problem(ckpt)
-        if problem:
-            raise CheckpointError(f"ckpt_path={ckpt}: {problem}")
+        check_checkpoint(ckpt)
         return str(ckpt)
     folder = Path(output_dir) / "checkpoints"
     for stale in remove_temporaries(folder):
