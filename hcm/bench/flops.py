@@ -23,6 +23,11 @@ class ForwardFlops:
     def total(self) -> float:
         return self.vision + self.projector + self.text + self.lm_head
 
+    @property
+    def update(self) -> float:
+        """A forward and its backward (twice the forward's matmuls)."""
+        return 3 * self.total
+
 
 def vision_flops_per_tile(config) -> tuple[float, float]:
     """(vision tower, projector) FLOPs of one tile."""
@@ -68,4 +73,4 @@ def update_mfu(
     """Model FLOPs utilisation of a forward + backward taking `seconds`; None without a peak."""
     if not peak_flops_per_s or seconds <= 0:
         return None
-    return 3 * forward.total / seconds / peak_flops_per_s
+    return forward.update / seconds / peak_flops_per_s

@@ -15,12 +15,11 @@ from __future__ import annotations
 from typing import Any
 
 import lightning as L
-import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
-from hcm.bench.timing import PhaseClock
+from hcm.bench.timing import PhaseClock, logprob_phase
 
 
 class FixedBatches(L.LightningDataModule):
@@ -50,11 +49,6 @@ class ClockCallback(L.Callback):
     def on_train_start(self, trainer, module) -> None:
         clock = self.clock
 
-        def logprob_phase(model, *args, **kwargs) -> str:
-            if model is module.ref_model:
-                return "reference"
-            return "update" if torch.is_grad_enabled() else "old_logprobs"
-
         def count(rollout) -> None:
             prompt_len = rollout.input_ids.shape[1] - rollout.completion_mask.shape[1]
             clock.count(
@@ -65,7 +59,7 @@ class ClockCallback(L.Callback):
             )
 
         module.rollout = clock.wrap(module.rollout, "rollout", on_result=count)
-        module._logprobs = clock.wrap(module._logprobs, logprob_phase)
+        module._logprobs = clock.wrap(module._logprobs, logprob_phase(module.ref_model))
         module.manual_backward = clock.wrap(module.manual_backward, "update")
         self.handles = clock.optimizer_hooks()
 

@@ -124,6 +124,18 @@ class PhaseClock:
         ]
 
 
+def logprob_phase(ref_model) -> Callable[..., str]:
+    """The phase of a log-prob forward, from its model argument and the grad mode: the
+    reference's, the update's (with grad), or the old policy's (mu > 1, without)."""
+
+    def phase(model, *args, **kwargs) -> str:
+        if model is ref_model:
+            return "reference"
+        return "update" if torch.is_grad_enabled() else "old_logprobs"
+
+    return phase
+
+
 def summarize(steps: list[dict[str, Any]], warmup: int) -> dict[str, Any]:
     """Medians over the steps after `warmup`: time and peak per phase, and the counts."""
     measured = steps[warmup:]

@@ -26,7 +26,7 @@ from omegaconf import DictConfig
 from transformers import InternVLProcessor, TrainerCallback
 from transformers.processing_utils import ProcessorMixin
 
-from hcm.bench.timing import PhaseClock
+from hcm.bench.timing import PhaseClock, logprob_phase
 
 
 class ImageProcessor(InternVLProcessor):
@@ -76,11 +76,6 @@ def paper_reward(weights: dict[str, float]):
 def instrument(trainer, clock: PhaseClock) -> list:
     """Wrap the trainer's phases; returns the optimizer hook handles to remove after."""
 
-    def logprob_phase(model, *args, **kwargs) -> str:
-        if model is trainer.ref_model:
-            return "reference"
-        return "update" if torch.is_grad_enabled() else "old_logprobs"
-
     def count(batch: dict) -> None:
         clock.count(
             sequences=batch["completion_ids"].shape[0],
@@ -93,7 +88,7 @@ def instrument(trainer, clock: PhaseClock) -> list:
         trainer._generate_and_score_completions, "rollout", on_result=count
     )
     trainer._get_per_token_logps_and_entropies = clock.wrap(
-        trainer._get_per_token_logps_and_entropies, logprob_phase
+        trainer._get_per_token_logps_and_entropies, logprob_phase(trainer.ref_model)
     )
     trainer.accelerator.backward = clock.wrap(trainer.accelerator.backward, "update")
     trainer.add_callback(_StepClock(clock))
