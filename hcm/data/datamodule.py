@@ -231,20 +231,25 @@ class ScreeningDataModule(L.LightningDataModule):
             epoch,
         )
 
+    def _place(self) -> tuple[int, int, int]:
+        """(this rank, the world size, the current epoch): (0, 1, 0) outside a Trainer."""
+        t = self.trainer
+        return (t.global_rank, t.world_size, t.current_epoch) if t else (0, 1, 0)
+
     def _sampler(self, epoch: int) -> HardCaseSampler:
         if self.hard_indices is None and self.composition != "all":
             raise RuntimeError(
                 f"composition {self.composition!r} needs hard cases: mine them first"
             )
-        trainer = self.trainer
+        rank, world, _ = self._place()
         sampler = HardCaseSampler(
             len(self.train_dataset),
             self.hard_indices or [],
             switch_epoch=self.switch_epoch,
             composition=self.composition,
             seed=self.seed,
-            num_replicas=trainer.world_size if trainer else 1,
-            rank=trainer.global_rank if trainer else 0,
+            num_replicas=world,
+            rank=rank,
         )
         sampler.set_epoch(epoch)
         return sampler
@@ -271,16 +276,16 @@ class ScreeningDataModule(L.LightningDataModule):
         """Fresh synthetic samples every step; a new draw each epoch (science-notes.md)."""
         from hcm.data.synthetic import SyntheticConfig, SyntheticStream
 
-        trainer = self.trainer
+        rank, world, epoch = self._place()
         stream = SyntheticStream(
             SyntheticConfig(**self.synthetic.get("generator", {})),
             seed=self.synthetic.get("seed", 0) + 1,  # never the fixed splits' samples
             samples_per_epoch=self.samples_per_epoch,
-            rank=trainer.global_rank if trainer else 0,
-            world_size=trainer.world_size if trainer else 1,
+            rank=rank,
+            world_size=world,
         )
-        stream.set_epoch(trainer.current_epoch if trainer else 0)
-        per_rank = self.samples_per_epoch // (trainer.world_size if trainer else 1)
+        stream.set_epoch(epoch)
+        per_rank = self.samples_per_epoch // world
         return StreamDataset(stream, per_rank, self.sft_sources if self.mode == "sft" else ())
 
     def train_dataloader(self) -> DataLoader:
@@ -292,21 +297,17 @@ class ScreeningDataModule(L.LightningDataModule):
                 )
             collate = self.sft_collate if self.mode == "sft" else self.prompt_collate
             return self._loader(self._stream(), self.batch_size, collate)
-        trainer = self.trainer
+        rank, world, epoch = self._place()
         if self.mode == "sft":
             sampler = ResumableSampler(
-                self.sft_dataset,
-                num_replicas=trainer.world_size if trainer else 1,
-                rank=trainer.global_rank if trainer else 0,
-                shuffle=True,
-                seed=self.seed,
+                self.sft_dataset, num_replicas=world, rank=rank, shuffle=True, seed=self.seed
             )
-            sampler.set_epoch(trainer.current_epoch if trainer else 0)
+            sampler.set_epoch(epoch)
             self._resume(sampler)
             return self._loader(self.sft_dataset, self.batch_size, self.sft_collate, sampler)
         if self.mode != "grpo":
             raise RuntimeError(f"data.mode={self.mode!r} has no training data")
-        sampler = self._sampler(trainer.current_epoch if trainer else 0)
+        sampler = self._sampler(epoch)
         self._resume(sampler)
         return self._loader(
             self.train_dataset, self.batch_size, self.prompt_collate, sampler=sampler
