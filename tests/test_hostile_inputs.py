@@ -43,7 +43,7 @@ from torch.utils.data import DataLoader
 
 from hcm.data import records as records_mod
 from hcm.data.datasets import SampleDataset
-from hcm.data.images import ImageError, load_image, load_sample, probe_image
+from hcm.data.images import ImageError, decode_image, load_image, load_sample, probe_image
 from hcm.data.records import ManifestError, load_manifest
 
 
@@ -275,6 +275,27 @@ def test_broken_images_raise_image_error_naming_the_file(tmp_path, make, message
     with pytest.raises(ImageError, match=message) as err:
         load_image(path)
     assert str(err.value).startswith(str(path))
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda p: p.write_bytes(png_with_header(100_000, 100_000)), "decompression bomb"),
+        (lambda p: p.write_bytes(b""), "not an image in a supported format"),
+        (
+            lambda p: p.write_bytes(b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 8 8\n"),
+            "supported",
+        ),
+        (_truncated("PNG"), "cannot decode image"),
+    ],
+)
+def test_in_memory_images_are_refused_alike_naming_them(tmp_path, make, message):
+    # the public benchmarks' images come as bytes from parquet cells
+    path = tmp_path / "img.png"
+    make(path)
+    with pytest.raises(ImageError, match=message) as err:
+        decode_image(path.read_bytes(), "rwqa-0003 image 0")
+    assert str(err.value).startswith("rwqa-0003 image 0: ")
 
 
 def test_our_pixel_limit_applies_before_decoding(tmp_path):

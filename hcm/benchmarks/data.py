@@ -8,17 +8,14 @@ multi-image convention). Batches have the keys of the screening collators (`inpu
 
 from __future__ import annotations
 
-import io
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from PIL import Image
 from torch.utils.data import Dataset
 
 from hcm.benchmarks.readers import IMAGE_PLACEHOLDER, BenchmarkRecord
-from hcm.data.images import MAX_PIXELS, ImageError, to_rgb
+from hcm.data.images import decode_image
 from hcm.model.chat import chat_messages
 
 
@@ -48,21 +45,6 @@ class BenchmarkSample:
     answer: str
     subtask: str = ""
     options: tuple[str, ...] = field(default=())
-
-
-def decode_image(data: bytes, what: str, max_pixels: int = MAX_PIXELS) -> Image.Image:
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data)) as im:
-                if im.size[0] * im.size[1] > max_pixels:
-                    raise ImageError(f"{what}: {im.size} image exceeds {max_pixels} pixels")
-                im.load()
-                return to_rgb(im)
-    except ImageError:
-        raise
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombWarning) as e:
-        raise ImageError(f"{what}: cannot decode image ({e})") from None
 
 
 def decode(record: BenchmarkRecord) -> BenchmarkSample:

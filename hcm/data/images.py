@@ -23,8 +23,10 @@ see a truncated pixel stream, which `load_image` still catches, naming the recor
 
 from __future__ import annotations
 
+import io
 import warnings
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -79,11 +81,11 @@ def to_rgb(image: Image.Image) -> Image.Image:
         raise ImageError(f"unsupported image mode {mode} ({e})") from None
 
 
-def _open(path: Path, max_pixels: int) -> Image.Image:
+def _open(source: Path | BinaryIO, max_pixels: int) -> Image.Image:
     """Open (header only) and check the size; the caller decodes and closes."""
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
-        im = Image.open(path, formats=IMAGE_FORMATS)
+        im = Image.open(source, formats=IMAGE_FORMATS)
     w, h = im.size
     if w * h > max_pixels:
         im.close()
@@ -95,7 +97,8 @@ def _open(path: Path, max_pixels: int) -> Image.Image:
 
 
 def _reading(path: str | Path, action):
-    """Run `action(path)`, turning every way PIL fails on bad bytes into an ImageError."""
+    """Run `action(path)`, turning every way PIL fails on bad bytes into an ImageError naming
+    `path` (a file, or what an in-memory image is: "rwqa-0003 image 0")."""
     path = Path(path)
     try:
         return action(path)
@@ -126,17 +129,22 @@ def probe_image(path: str | Path, max_pixels: int = MAX_PIXELS) -> tuple[int, in
     return _reading(path, probe)
 
 
+def _decode(source: Path | BinaryIO, max_pixels: int) -> Image.Image:
+    with _open(source, max_pixels) as im:
+        im.load()  # decode now: a truncated file fails here, not inside a training step
+        if im.getexif().get(_EXIF_ORIENTATION, 1) != 1:
+            return to_rgb(ImageOps.exif_transpose(im))
+        return to_rgb(im)
+
+
 def load_image(path: str | Path, max_pixels: int = MAX_PIXELS) -> Image.Image:
     """Open, fully decode and convert an image; raise ImageError naming the file otherwise."""
+    return _reading(path, lambda p: _decode(p, max_pixels))
 
-    def decode(p: Path) -> Image.Image:
-        with _open(p, max_pixels) as im:
-            im.load()  # decode now: a truncated file fails here, not inside a training step
-            if im.getexif().get(_EXIF_ORIENTATION, 1) != 1:
-                return to_rgb(ImageOps.exif_transpose(im))
-            return to_rgb(im)
 
-    return _reading(path, decode)
+def decode_image(data: bytes, what: str, max_pixels: int = MAX_PIXELS) -> Image.Image:
+    """`load_image` for an image held in memory (a benchmark's parquet cell), named `what`."""
+    return _reading(what, lambda _: _decode(io.BytesIO(data), max_pixels))
 
 
 def load_sample(record: ScreeningRecord, max_pixels: int = MAX_PIXELS) -> ScreeningSample:
