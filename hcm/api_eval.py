@@ -130,32 +130,13 @@ def to_openai(message: dict, image_format: str = "PNG") -> dict:
     return {"role": message["role"], "content": parts}
 
 
-# -- the questions of a datamodule, without a tokenizer ---------------------------------------
+# -- the questions of a datamodule (eval_samples, messages, labels), without a tokenizer --------
 def questions(datamodule: Any) -> tuple[list[str], list[list[dict]], dict[str, list]]:
     """(ids, chat messages, labels for the metric) of the evaluation split."""
-    if hasattr(datamodule, "eval_samples"):  # the public benchmarks
-        samples = datamodule.eval_samples()
-        return (
-            [s.id for s in samples],
-            [datamodule.messages(s) for s in samples],
-            datamodule.labels(samples),
-        )
-    from hcm.data.datasets import SampleDataset
-    from hcm.model.chat import screening_messages
-
     datamodule.prepare_data()  # the synthetic benchmark is generated on first use
-    dataset = SampleDataset(datamodule.load(datamodule.eval_split)[: datamodule.limit_eval])
-    samples = [dataset[i] for i in range(len(dataset))]
-    prompt = datamodule.prompt
-    messages = [
-        screening_messages(s, prompt.user, datamodule.image_layout, system=prompt.system)
-        for s in samples
-    ]
-    answers = {
-        "answers": [s.answer for s in samples],
-        "dimensions": [list(s.dimensions) for s in samples],
-    }
-    return [s.id for s in samples], messages, answers
+    samples = datamodule.eval_samples()
+    messages = [datamodule.messages(s) for s in samples]
+    return [s.id for s in samples], messages, datamodule.labels(samples)
 
 
 def _read_responses(path: Path) -> dict[tuple[str, str], str]:

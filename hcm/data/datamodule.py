@@ -29,8 +29,10 @@ from hcm.data.datasets import (
     SFTCollator,
     SFTDataset,
     StreamDataset,
+    labels,
 )
-from hcm.data.records import ScreeningRecord, load_manifest, manifest_hash
+from hcm.data.images import load_sample
+from hcm.data.records import ScreeningRecord, ScreeningSample, load_manifest, manifest_hash
 from hcm.data.sampler import HardCaseSampler
 from hcm.metrics import ScreeningScore
 from hcm.prompts import Prompt
@@ -189,6 +191,20 @@ class ScreeningDataModule(L.LightningDataModule):
     def make_metric(self) -> ScreeningScore:
         """The section-5.1 score: what validation and test log."""
         return ScreeningScore()
+
+    # -- API evaluation (hcm.api_eval): the questions without a tokenizer -------------------------
+    def eval_samples(self) -> list[ScreeningSample]:
+        return [load_sample(r) for r in self.load(self.eval_split)[: self.limit_eval]]
+
+    def messages(self, sample: ScreeningSample) -> list[dict]:
+        from hcm.model.chat import screening_messages
+
+        return screening_messages(
+            sample, self.prompt.user, self.image_layout, system=self.prompt.system
+        )
+
+    def labels(self, samples: Sequence[ScreeningSample]) -> dict[str, Any]:
+        return labels(samples)
 
     def set_hard_cases(self, indices: Sequence[int]) -> None:
         """Hard-case indices into the train split, from mining (hcm.mining)."""

@@ -97,6 +97,15 @@ class StreamDataset(IterableDataset):
                 yield SFTItem(sample, source, sft_target(sample, source))
 
 
+def labels(samples: Sequence[ScreeningSample]) -> dict[str, list]:
+    """What scoring needs besides the responses (`ScreeningScore.batch_keys`), and the ids."""
+    return {
+        "ids": [s.id for s in samples],
+        "answers": [s.answer for s in samples],
+        "dimensions": [list(s.dimensions) for s in samples],
+    }
+
+
 @dataclass
 class SFTCollator:
     """SFT items -> right-padded inputs with labels on the assistant reply only (eq. 1)."""
@@ -141,9 +150,4 @@ class PromptCollator:
         inputs = self.builder.encode(
             conversations, add_generation_prompt=True, padding_side="left", with_labels=False
         )
-        return {
-            "inputs": inputs,
-            "ids": [s.id for s in samples],
-            "answers": [s.answer for s in samples],
-            "dimensions": [list(s.dimensions) for s in samples],
-        }
+        return {"inputs": inputs, **labels(samples)}
