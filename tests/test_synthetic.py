@@ -18,6 +18,7 @@ import yaml
 from PIL import Image
 
 from hcm.data import synthetic as syn
+from hcm.data import synthetic_text as syn_text
 from hcm.data.records import DIMENSIONS, OPTIONS, SPLITS, load_manifest
 from hcm.data.render import FAMILIES, SUN, render_candidate, render_original, shade, shadow_color
 
@@ -323,7 +324,7 @@ def test_answer_cot_has_the_paper_format_and_names_the_real_defects():
     cfg = syn.SyntheticConfig()
     for i in range(30):
         meta = syn.sample_meta(cfg, 2, "train", i)
-        m = COT_RE.fullmatch(syn.cot_text(meta))
+        m = COT_RE.fullmatch(syn_text.cot_text(meta))
         assert m and m.group(5) == m.group(6) == syn.answer_of(meta)
         for k, c in enumerate(meta["candidates"]):
             says_ok = "matches the original" in m.group(k + 1)
@@ -339,7 +340,7 @@ def test_texts_describe_specific_defects():
         meta["candidates"].append(
             {"letter": letter, "scene": sc, "defects": [defect(family, p, sc)]}
         )
-    cot, caption = syn.cot_text(meta), syn.caption_text(meta, SIZE)
+    cot, caption = syn_text.cot_text(meta), syn_text.caption_text(meta, SIZE)
     assert "<A> the box floats above the floor" in cot
     assert "<B> the shadow falls toward the sun on the right" in cot
     assert "<C> the number of boxes changed from 1 to 2" in cot
@@ -347,6 +348,48 @@ def test_texts_describe_specific_defects():
     assert "Original image: one blue box with a white label showing a cross" in caption
     assert "floats about 12 px above the floor" in caption
     assert "Image C: a beige wall above a grey floor; two blue boxes" in caption
+
+
+COMPACT_COT_RE = re.compile(
+    r"<think>A ([a-z ,]+)\. B ([a-z ,]+)\. C ([a-z ,]+)\. D ([a-z ,]+)\.</think>"
+    r"<answer>([A-D]+|N)</answer>"
+)
+
+
+def test_compact_texts_name_each_candidates_real_defects():
+    cfg = syn.SyntheticConfig(text_style="compact")
+    for i in range(60):
+        s = syn.generate_sample(cfg, 3, "train", i)
+        m = COMPACT_COT_RE.fullmatch(s.answer_cot)
+        assert m and m.group(5) == s.answer, s.answer_cot
+        weak = COMPACT_COT_RE.fullmatch(s.weak_cot)
+        assert weak and (weak.group(5) == s.answer) == s.meta["weak"]["correct"]
+        parts = s.caption.split(" ")
+        assert parts[0] == "A:" and len(re.findall(r"\b[A-D]: ", s.caption)) == 4
+        for k, c in enumerate(s.meta["candidates"]):
+            words = [syn_text.COMPACT_WORDS[d["family"]] for d in c["defects"]] or ["good"]
+            assert m.group(k + 1) == ", ".join(words)
+            said = re.search(rf"\b{c['letter']}: ([a-z ,]+)\.", s.caption).group(1).split(", ")
+            families = {d["family"] for d in c["defects"]}
+            assert ("floating" in said) == ("floating" in families)
+            gone = [d for d in c["defects"] if d["family"] == "shadow_missing"]
+            assert ("no shadow" in said) == any(d["params"]["opacity"] == 0 for d in gone)
+            assert ("extra object" in said) == ("extra_object" in families)
+
+
+def test_compact_texts_are_short_for_the_tiny_tokenizer():
+    from hcm.model.tiny import build_tiny_tokenizer
+
+    tok = build_tiny_tokenizer()
+    cfg = syn.SyntheticConfig(text_style="compact")
+    cots = [syn.generate_sample(cfg, 0, "x", i).answer_cot for i in range(40)]
+    lengths = [len(tok(cot).input_ids) for cot in cots]
+    assert max(lengths) <= 48  # conf/experiment/cpu_*: the completion budget
+
+
+def test_text_style_is_checked():
+    with pytest.raises(ValueError, match="text_style"):
+        syn.SyntheticConfig(text_style="terse")
 
 
 def test_split_view_keeps_the_fields_of_table_1():

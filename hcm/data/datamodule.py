@@ -179,7 +179,8 @@ class ScreeningDataModule(L.LightningDataModule):
         builder = self._builder()
         args = (builder, self.prompt, self.image_layout, screening_messages)
         self.sft_collate, self.prompt_collate = SFTCollator(*args), PromptCollator(*args)
-        if self.mode == "sft" and stage in (None, "fit"):
+        if self.mode == "sft" and stage in (None, "fit") and not self.streaming:
+            # (a stream draws its SFT items itself: no split needs to be on disk)
             by_source = {s: self.load(SFT_SOURCES[s]) for s in self.sft_sources}
             self.sft_dataset = SFTDataset(by_source)
             if len(self.sft_dataset) == 0:

@@ -56,7 +56,7 @@ from hcm.data.render import (
     render_candidate,
     render_original,
 )
-from hcm.data.synthetic_text import caption_text, cot_text, weak_cot_text
+from hcm.data.synthetic_text import TEXT_STYLES, weak_cot_text
 
 GENERATOR_VERSION = "1"
 MARKER = "dataset.json"
@@ -109,6 +109,7 @@ class SyntheticConfig:
     family_weights: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_FAMILY_WEIGHTS))
     weak_cot_accuracy: float = 0.38  # fraction of weak CoTs whose answer is the label (paper 38%)
     weak_misname_prob: float = 0.3  # chance a weak CoT names a defect by the wrong family
+    text_style: str = "full"  # captions and CoTs: "full" sentences or "compact" (a few words each)
 
     def __post_init__(self) -> None:
         self.family_weights = {str(k): float(v) for k, v in dict(self.family_weights).items()}
@@ -124,6 +125,10 @@ class SyntheticConfig:
         for name in ("defect_strength", *probabilities, "weak_misname_prob"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
+        if self.text_style not in TEXT_STYLES:
+            raise ValueError(
+                f"text_style must be one of {sorted(TEXT_STYLES)}, got {self.text_style!r}"
+            )
         if self.image_size < 32:
             raise ValueError(f"image_size must be >= 32, got {self.image_size}")
 
@@ -344,14 +349,15 @@ def render_images(meta: Mapping[str, Any], size: int) -> tuple[Any, ...]:
 def generate_sample(cfg: SyntheticConfig, seed: int, split: str, index: int) -> ScreeningSample:
     """Sample `index` of `split`, with every label and text (see `split_view` for a split's)."""
     meta = sample_meta(cfg, seed, split, index)
+    caption, cot = TEXT_STYLES[cfg.text_style]
     return ScreeningSample(
         id=sample_id(split, index),
         images=render_images(meta, cfg.image_size),
         answer=answer_of(meta),
         dimensions=dimensions_of(meta),
-        caption=caption_text(meta, cfg.image_size),
-        weak_cot=weak_cot_text(meta),
-        answer_cot=cot_text(meta),
+        caption=caption(meta, cfg.image_size),
+        weak_cot=weak_cot_text(meta, cfg.text_style),
+        answer_cot=cot(meta),
         meta=meta,
     )
 

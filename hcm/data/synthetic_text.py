@@ -8,6 +8,14 @@ without verdicts. The CoT follows the paper's format (Appendix B), one observati
 
 naming each candidate's real defects, or that it is consistent and physically plausible. The weak
 CoT is the same text made from a weak annotator's claims (`meta["weak"]["claims"]`).
+
+The `compact` style says the same in a few words per candidate, for models that must learn in
+minutes on a CPU (the full CoT runs to ~140 tokens of the tiny tokenizer, the compact one ~30):
+
+    <think>A good. B floating. C shadow missing, extra object. D good.</think><answer>AD</answer>
+
+and its caption states what each candidate shows of placement, shadow and extra items, without
+verdicts: "A: floor, shadow. B: floating, shadow. C: floor, no shadow, extra object. D: ...".
 """
 
 from __future__ import annotations
@@ -103,8 +111,61 @@ def cot_text(meta: Mapping[str, Any], claims: Mapping[str, list] | None = None) 
     return f"<think>{think}</think><answer>{x}</answer>"
 
 
-def weak_cot_text(meta: Mapping[str, Any]) -> str:
-    return cot_text(meta, meta["weak"]["claims"])
+def weak_cot_text(meta: Mapping[str, Any], style: str = "full") -> str:
+    return TEXT_STYLES[style][1](meta, meta["weak"]["claims"])
+
+
+# One or two words per defect family, each a whole token or two of the tiny tokenizer.
+COMPACT_WORDS = {
+    "colour": "colour changed",
+    "shape": "shape changed",
+    "label": "label changed",
+    "parts_missing": "part missing",
+    "quantity": "quantity changed",
+    "shadow_missing": "shadow missing",
+    "shadow_toward_light": "shadow toward light",
+    "shadow_inconsistent": "shadow inconsistent",
+    "floating": "floating",
+    "tilted": "tilted",
+    "cropped": "cropped",
+    "extra_object": "extra object",
+    "extra_mark": "extra mark",
+}
+
+
+def compact_cot_text(meta: Mapping[str, Any], claims: Mapping[str, list] | None = None) -> str:
+    """The CoT format in a few words per candidate; `claims` override the truth."""
+    parts, chosen = [], []
+    for c in meta["candidates"]:
+        defects = (claims or {}).get(c["letter"], c["defects"])
+        if not defects:
+            chosen.append(c["letter"])
+        words = ", ".join(COMPACT_WORDS[d["family"]] for d in defects) or "good"
+        parts.append(f"{c['letter']} {words}.")
+    x = "".join(chosen) or NONE_ANSWER
+    return f"<think>{' '.join(parts)}</think><answer>{x}</answer>"
+
+
+def compact_caption_text(meta: Mapping[str, Any], size: int = 112) -> str:
+    """What each candidate shows of placement, shadow and extra items, in a few words."""
+    del size  # the compact caption gives no distances
+    parts = []
+    for c in meta["candidates"]:
+        st = apply_defects(meta["product"], c["defects"])
+        seen = ["floating" if st.gap else "tilted" if st.angle else "floor"]
+        if st.crop:
+            seen.append("cropped")
+        if st.shadow_opacity == 0:
+            seen.append("no shadow")
+        elif st.shadow_opacity < 0.5:
+            seen.append("faint shadow")
+        elif any(r < 0 for r in st.reach):  # a negative reach points toward the sun
+            seen.append("shadow toward light")
+        else:
+            seen.append("shadow")
+        seen += ["extra object"] * bool(st.extra_object) + ["extra mark"] * bool(st.extra_mark)
+        parts.append(f"{c['letter']}: {', '.join(seen)}.")
+    return " ".join(parts)
 
 
 def product_words(p: Mapping[str, Any]) -> str:
@@ -167,3 +228,10 @@ def caption_text(meta: Mapping[str, Any], size: int = 112) -> str:
     for c in meta["candidates"]:
         lines.append(_candidate_caption(c["letter"], product, c["scene"], c["defects"], size))
     return " ".join(lines)
+
+
+# style -> (caption, CoT) writers; SyntheticConfig.text_style picks one.
+TEXT_STYLES = {
+    "full": (caption_text, cot_text),
+    "compact": (compact_caption_text, compact_cot_text),
+}

@@ -3,7 +3,7 @@
 A GRPO rollout holds G sequences per prompt that carry the same images. The plain path
 (`hcm.logprobs.completion_logprobs`, and `generate` after `repeat_batch`) runs the vision tower
 on every copy: G times per prompt in the prefill, the reference forward and the update. Vision is
-a third of InternVL3-2B's forward FLOPs and two thirds of the 1B's (shared/perf-anchors.md).
+a third of InternVL3-2B's forward FLOPs and two thirds of the 1B's (docs/performance.md).
 Here the tower runs once per distinct prompt; the features are repeated to the rows that use them
 and scattered into the `<IMG_CONTEXT>` positions, as `InternVLModel.forward` does. The repeat is
 differentiable, so the vision tower's gradient is the sum over the G rows: the same gradient as

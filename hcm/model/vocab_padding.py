@@ -1,7 +1,7 @@
 """The `lm_head` GEMM on a vocabulary padded to a multiple of N, with the real vocabulary's output.
 
 InternVL3's 151,674-row `lm_head` is a GEMM shape that tensor cores run at a third of their
-speed; padded to 151,680 (a multiple of 128) it runs 3x faster (shared/perf-anchors.md).
+speed; padded to 151,680 (a multiple of 128) it runs 3x faster (docs/performance.md).
 `PaddedHead` holds the padded weight and returns only the first `vocab_size` logits, so nothing
 downstream changes: the padded rows are never sampled, never enter a softmax, and get zero
 gradient. Its state dict holds the unpadded weight, so checkpoints and exported models load into
