@@ -309,7 +309,8 @@ def write_gallery(
     rows = read_predictions(predictions)
     cells = thumbnails(rows, folder, roots)
     page = folder / PAGE
-    atomic_write_text(page, render(rows, cells, str(predictions)))
+    title = "/".join(predictions.resolve().parts[-3:])  # e.g. stages/eval/predictions.jsonl
+    atomic_write_text(page, render(rows, cells, title))
     log.info("gallery of %d predictions: %s", len(rows), page)
     return page, rows, cells
 

@@ -16,6 +16,10 @@ cells) has no files: its thumbnails are written now into `thumbs/` and named ins
 add `hard` and `pass_rate` (the share of its k answers that were right; the completion shown is
 the first). Public-benchmark rows carry `subtask` and `options` instead of `dimensions`/`dpa`.
 
+Validation inside a training stage writes none: it scores the same test split that the
+pipeline's eval stage then writes predictions for, and per-epoch files would add a gather across
+ranks and a file of every sample to each epoch for what the `val/score/*` curve already shows.
+
 `publish` writes the file atomically, then the gallery page (`hcm.gallery`) and, with a W&B
 logger, the same rows as a W&B Table.
 """
