@@ -187,10 +187,11 @@ def answer_all(
     return [done[qid, key] for qid, key in zip(ids, keys, strict=True)]
 
 
-def evaluate_api(cfg: DictConfig, datamodule: Any) -> tuple[dict[str, float], Any]:
-    """Score `cfg.model` behind `cfg.model.api` on the evaluation split: (results, metric)."""
-    from hcm.train import finish_loggers, make_loggers
-
+def evaluate_api(
+    cfg: DictConfig, datamodule: Any, loggers: Sequence[Any] = ()
+) -> tuple[dict[str, float], Any, list[dict]]:
+    """Score `cfg.model` behind `cfg.model.api` on the evaluation split: (results, metric,
+    each question's verdict for predictions.jsonl). The results go to `loggers`."""
     api = dict(cfg.model.api)
     concurrency = int(api.pop("concurrency", 4))
     client = ApiClient(
@@ -203,12 +204,10 @@ def evaluate_api(cfg: DictConfig, datamodule: Any) -> tuple[dict[str, float], An
         client, ids, messages, Path(cfg.paths.output_dir) / "responses.jsonl", concurrency
     )
     metric = datamodule.make_metric()
-    metric.update(responses, *(labels[k] for k in metric.batch_keys))
+    keys = [labels[k] for k in metric.batch_keys]
+    metric.update(responses, *keys)
+    verdicts = [{"id": i, **v} for i, v in zip(ids, metric.judge(responses, *keys), strict=True)]
     results = {f"test/score/{k}": float(v) for k, v in metric.compute().items()}
-    loggers = make_loggers(cfg)
-    try:
-        for lg in loggers:
-            lg.log_metrics(results, step=0)
-    finally:
-        finish_loggers(loggers)
-    return results, metric
+    for lg in loggers:
+        lg.log_metrics(results, step=0)
+    return results, metric, verdicts

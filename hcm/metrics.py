@@ -14,6 +14,7 @@ All states are sums, so the metric is correct under DDP.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torchmetrics import Metric
@@ -43,30 +44,59 @@ class ScreeningScore(Metric):
         for name in ("count", "correct", "answer_len", "exact", "dpa", "valid"):
             self.add_state(name, default=torch.zeros(k, dtype=torch.float64), dist_reduce_fx="sum")
 
+    def judge(
+        self,
+        completions: Sequence[str],
+        answers: Sequence[str],
+        dimensions: Sequence[Sequence[str]] | None = None,
+    ) -> list[dict[str, Any]]:
+        """Each response's verdict, as the score counts it (a row of predictions.jsonl).
+
+        >>> v = ScreeningScore().judge(["<answer>A</answer>"], ["CA"])[0]
+        >>> v["label"], v["parsed"], v["correct"], v["dpa"]
+        ('AC', 'A', True, 0.5)
+        """
+        if len(completions) != len(answers):
+            raise ValueError(f"{len(completions)} completions but {len(answers)} answers")
+        if dimensions is not None and len(dimensions) != len(answers):
+            raise ValueError(f"{len(dimensions)} dimension lists but {len(answers)} answers")
+        rows = []
+        for i, (completion, answer) in enumerate(zip(completions, answers, strict=True)):
+            answer = canonical_answer(answer)
+            dims = list(dimensions[i]) if dimensions is not None else []
+            for dim in dims:
+                if dim not in DIMENSIONS:
+                    raise ValueError(f"unknown dimension {dim!r}; expected one of {DIMENSIONS}")
+            response = extract_answer(completion)
+            correct = is_acceptable(response, answer)
+            rows.append(
+                {
+                    "label": answer,
+                    "dimensions": dims,
+                    "completion": completion,
+                    "parsed": response,
+                    "correct": correct,
+                    "dpa": len(response) / len(answer) if correct else 0.0,
+                }
+            )
+        return rows
+
     def update(
         self,
         completions: Sequence[str],
         answers: Sequence[str],
         dimensions: Sequence[Sequence[str]] | None = None,
     ) -> None:
-        if len(completions) != len(answers):
-            raise ValueError(f"{len(completions)} completions but {len(answers)} answers")
-        if dimensions is not None and len(dimensions) != len(answers):
-            raise ValueError(f"{len(dimensions)} dimension lists but {len(answers)} answers")
-        rows = torch.zeros(len(answers), len(DIMENSIONS) + 1, dtype=torch.float64)
-        stats = torch.zeros(len(answers), 5, dtype=torch.float64)
-        for i, (completion, answer) in enumerate(zip(completions, answers, strict=True)):
-            answer = canonical_answer(answer)
-            response = extract_answer(completion)
-            correct = is_acceptable(response, answer)
-            dpa = len(response) / len(answer) if correct else 0.0
+        verdicts = self.judge(completions, answers, dimensions)
+        rows = torch.zeros(len(verdicts), len(DIMENSIONS) + 1, dtype=torch.float64)
+        stats = torch.zeros(len(verdicts), 5, dtype=torch.float64)
+        for i, v in enumerate(verdicts):
+            response, answer = v["parsed"], v["label"]
             stats[i] = torch.tensor(
-                [correct, len(answer), response == answer, dpa, response is not None]
+                [v["correct"], len(answer), response == answer, v["dpa"], response is not None]
             )
             rows[i, 0] = 1.0
-            for dim in dimensions[i] if dimensions is not None else ():
-                if dim not in DIMENSIONS:
-                    raise ValueError(f"unknown dimension {dim!r}; expected one of {DIMENSIONS}")
+            for dim in v["dimensions"]:
                 rows[i, 1 + DIMENSIONS.index(dim)] = 1.0
         self.count += rows.sum(0)
         for j, name in enumerate(("correct", "answer_len", "exact", "dpa", "valid")):

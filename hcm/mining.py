@@ -11,6 +11,9 @@ The cache (`HardCaseSet`) records the model it came from (a fingerprint of its f
 manifest's hash and the mining parameters, and is reused only when all three match. Mining runs
 before the first GRPO step: on resume the policy has moved, so the cache written the first time
 is what keeps the hard set the initial policy's.
+
+Beside the cache, `hard_cases/predictions.jsonl` (hcm.predictions) holds each case's first
+answer, its verdict, pass rate and whether it is hard, and `hard_cases/gallery.html` shows them.
 """
 
 from __future__ import annotations
@@ -24,9 +27,9 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from hcm.answers import extract_answer, is_acceptable
 from hcm.data.hard_cases import HardCaseSet, classify
 from hcm.data.records import manifest_hash
+from hcm.predictions import gather_rows, publish
 
 log = logging.getLogger(__name__)
 
@@ -117,17 +120,26 @@ def mine_hard_cases(
     gen_kwargs: dict[str, Any] = {"max_new_tokens": params["max_new_tokens"], "do_sample": k > 1}
     if k > 1:
         gen_kwargs.update(temperature=temperature, num_return_sequences=k)
-    correct = answer_shard(
+    correct, verdicts = answer_shard(
         module, datamodule, records, k, gen_kwargs, batch_size or datamodule.eval_batch_size
     )
     if trainer.world_size > 1:  # each row was answered on exactly one rank: the sum is its verdict
         correct = trainer.strategy.reduce(correct.to(module.device), reduce_op="sum").cpu()
+    verdicts = gather_rows(verdicts, trainer.world_size)
     hard_ids, easy_ids = classify(
         {ids[i]: [bool(c) for c in correct[i].tolist()] for i in range(len(ids))}, pass_threshold
     )
     found = HardCaseSet(hard_ids, easy_ids, model_path, fingerprint, manifest_sha, params)
     if trainer.is_global_zero:
         found.save(cache)
+        # what the initial policy answered, case by case: predictions.jsonl and its gallery
+        by_id, hard = {v["id"]: v for v in verdicts}, set(hard_ids)
+        rows = [
+            {**by_id[rid], "pass_rate": float(correct[i].mean()), "hard": rid in hard}
+            for i, rid in enumerate(ids)
+        ]
+        folder = cache.parent / cache.stem  # hard_cases.json -> hard_cases/predictions.jsonl
+        publish(folder, rows, records, datamodule.root, trainer.loggers, "mining/predictions")
     trainer.strategy.barrier("hard-case cache")
     log.info("mined %d hard cases of %d (cache %s)", len(hard_ids), len(ids), cache)
     return found.indices(ids)
@@ -140,20 +152,19 @@ def answer_shard(
     k: int,
     gen_kwargs: dict[str, Any],
     batch_size: int,
-) -> torch.Tensor:
-    """(len(records), k) 1.0 where answer s of case i is right; rows of other ranks stay 0.
+) -> tuple[torch.Tensor, list[dict]]:
+    """(len(records), k) 1.0 where answer s of case i is right, rows of other ranks 0; and the
+    verdict of each of this rank's cases on its first answer (a row of predictions.jsonl).
 
-    Rank r answers cases r, r + world, ...; a progress bar on rank 0.
+    Rank r answers cases r, r + world, ...; a progress bar on rank 0. Answers are judged by the
+    datamodule's metric (section 5.1's for screening, a public benchmark's single answer).
     """
     trainer = module.trainer
     rank, world = trainer.global_rank, trainer.world_size
     shard = list(range(rank, len(records), world))
     correct = torch.zeros(len(records), k)  # (N, k)
-    # A datamodule may judge answers its own way (the public benchmarks' single-answer rule);
-    # the screening default is the section-5.1 metric.
-    judge = getattr(datamodule, "is_correct", None) or (
-        lambda text, record: is_acceptable(extract_answer(text), record.answer)
-    )
+    metric = datamodule.make_metric()
+    verdicts: list[dict] = []
     was_training = module.model.training
     module.model.eval()
     bar = tqdm(range(0, len(shard), batch_size), desc="mining hard cases", disable=rank != 0)
@@ -165,8 +176,12 @@ def answer_shard(
             texts = module.answer(batch, **gen_kwargs)  # [c0a0 .. c0a{k-1}, c1a0, ...]
         if len(texts) != len(rows) * k:
             raise RuntimeError(f"{len(texts)} answers for {len(rows)} cases x k={k}")
-        for j, i in enumerate(rows):
-            for s in range(k):
-                correct[i, s] = float(judge(texts[j * k + s], records[i]))
+        labels = [batch[key] for key in metric.batch_keys]
+        for s in range(k):  # answer s of every case in the batch
+            judged = metric.judge(texts[s::k], *labels)
+            for j, i in enumerate(rows):
+                correct[i, s] = float(judged[j]["correct"])
+            if s == 0:
+                verdicts += [{"id": records[i].id, **judged[j]} for j, i in enumerate(rows)]
     module.model.train(was_training)
-    return correct
+    return correct, verdicts

@@ -147,6 +147,10 @@ def test_eval_py_scores_an_api_model_and_stores_no_key(compose_cfg, monkeypatch,
     parts = stub.requests[0]["body"]["messages"][0]["content"]
     assert sum(p["type"] == "image_url" for p in parts) == 2  # original + the A-D grid
     assert json.loads((out / "metrics.json").read_text())["metrics"] == results
+    rows = [json.loads(line) for line in (out / "predictions.jsonl").open()]
+    assert [r["completion"] for r in rows] == ["A"] * 6
+    assert [r["correct"] for r in rows] == ["A" in a for a in answers[:6]]
+    assert (out / "gallery.html").read_text().count('<article class="row"') == 6
     for f in out.rglob("*"):
         if f.is_file():
             assert SECRET not in f.read_text(errors="ignore"), f

@@ -191,3 +191,31 @@ def test_mining_the_real_tiny_model_never_generates_image_tokens(
     saved = HardCaseSet.load(tmp_path / "h.json")
     assert len(saved.hard_ids) + len(saved.easy_ids) == N_TRAIN == len(dm.load("train"))
     assert hard == saved.indices([r.id for r in dm.load("train")])
+
+
+def test_mining_writes_predictions_with_hard_and_a_gallery(attached, tmp_path, monkeypatch):
+    """Beside the cache: each case's first answer, its verdict, pass rate and hard flag, in the
+    train split's order, and the gallery page counting the hard cases."""
+    import json
+
+    from hcm.gallery import PAGE
+
+    module, dm = attached
+    # case i gets (i % 3) of its 2 answers right: pass rates 0, 1/2, 1 (threshold 1: hard < 1)
+    monkeypatch.setattr(module, "answer", Answers(dm, lambda i, s: s < i % 3))
+    cache = tmp_path / "hard_cases.json"
+    hard = mine_hard_cases(module, dm, cache_path=str(cache), k=2)
+    assert hard == [i for i in range(N_TRAIN) if i % 3 < 2]
+    rows = [json.loads(line) for line in (tmp_path / "hard_cases" / "predictions.jsonl").open()]
+    records = dm.load("train")
+    assert [r["id"] for r in rows] == [r.id for r in records]
+    assert [r["hard"] for r in rows] == [i % 3 < 2 for i in range(N_TRAIN)]
+    assert [r["pass_rate"] for r in rows] == [(i % 3) / 2 for i in range(N_TRAIN)]
+    assert [r["correct"] for r in rows] == [i % 3 > 0 for i in range(N_TRAIN)]  # the first answer
+    assert [r["label"] for r in rows] == [r.answer for r in records]
+    assert rows[1]["parsed"] == records[1].answer and rows[1]["dpa"] == 1.0
+    assert len(rows[0]["images"]) == 5
+    page = (tmp_path / "hard_cases" / PAGE).read_text()
+    assert page.count('<article class="row"') == N_TRAIN
+    assert f"hard cases: <b id='n-hard'>{len(hard)}</b> of {N_TRAIN}" in page
+    assert page.count('data-hard="1"') == len(hard)

@@ -181,12 +181,6 @@ class BenchmarkDataModule(ScreeningDataModule):
         """Accuracy (Tables 8-10), per subtask too: what validation and test log."""
         return BenchmarkAccuracy(subtasks=[r.subtask for r in self.source()])
 
-    def is_correct(self, completion: str, record: BenchmarkRecord) -> bool:
-        """The correctness judgement hard-case mining needs (the same as the metric's)."""
-        from hcm.benchmarks.answers import is_correct
-
-        return is_correct(completion, record.answer, record.options)
-
     # -- API evaluation (hcm.api_eval): the questions without a tokenizer -------------------------
     def eval_samples(self) -> list[BenchmarkSample]:
         return [decode(r) for r in self.load(self.eval_split)[: self.limit_eval]]

@@ -8,6 +8,7 @@ it. States are sums, so the metric is correct under DDP; the subtasks are fixed 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torchmetrics import Metric
@@ -27,6 +28,37 @@ class BenchmarkAccuracy(Metric):
         for name in ("count", "correct", "answered"):
             self.add_state(name, default=torch.zeros(k, dtype=torch.float64), dist_reduce_fx="sum")
 
+    def judge(
+        self,
+        completions: Sequence[str],
+        answers: Sequence[str],
+        options: Sequence[Sequence[str]],
+        subtasks: Sequence[str],
+    ) -> list[dict[str, Any]]:
+        """Each response's verdict, as the accuracy counts it (a row of predictions.jsonl)."""
+        if not len(completions) == len(answers) == len(options) == len(subtasks):
+            raise ValueError(
+                f"{len(completions)} completions, {len(answers)} answers, {len(options)} option "
+                f"lists, {len(subtasks)} subtasks: one each per question"
+            )
+        rows = []
+        for completion, answer, opts, subtask in zip(
+            completions, answers, options, subtasks, strict=True
+        ):
+            if subtask and subtask not in self.subtasks:
+                raise ValueError(f"unknown subtask {subtask!r}; expected {self.subtasks}")
+            rows.append(
+                {
+                    "label": answer,
+                    "subtask": subtask,
+                    "options": list(opts),
+                    "completion": completion,
+                    "parsed": answer_text(completion),
+                    "correct": is_correct(completion, answer, opts),
+                }
+            )
+        return rows
+
     def update(
         self,
         completions: Sequence[str],
@@ -34,23 +66,14 @@ class BenchmarkAccuracy(Metric):
         options: Sequence[Sequence[str]],
         subtasks: Sequence[str],
     ) -> None:
-        if not len(completions) == len(answers) == len(options) == len(subtasks):
-            raise ValueError(
-                f"{len(completions)} completions, {len(answers)} answers, {len(options)} option "
-                f"lists, {len(subtasks)} subtasks: one each per question"
-            )
-        for completion, answer, opts, subtask in zip(
-            completions, answers, options, subtasks, strict=True
-        ):
+        for v in self.judge(completions, answers, options, subtasks):
             rows = [0]
-            if subtask:
-                if subtask not in self.subtasks:
-                    raise ValueError(f"unknown subtask {subtask!r}; expected {self.subtasks}")
-                rows.append(1 + self.subtasks.index(subtask))
+            if v["subtask"]:
+                rows.append(1 + self.subtasks.index(v["subtask"]))
             for r in rows:
                 self.count[r] += 1
-                self.correct[r] += float(is_correct(completion, answer, opts))
-                self.answered[r] += float(bool(answer_text(completion)))
+                self.correct[r] += float(v["correct"])
+                self.answered[r] += float(bool(v["parsed"]))
 
     def compute(self) -> dict[str, torch.Tensor]:
         pct = (100.0 * self.correct / self.count.clamp(min=1)).float()

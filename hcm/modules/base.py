@@ -20,6 +20,7 @@ import torch
 from hcm.checkpoints import capture_rng, rank_seed, restore_rng
 from hcm.faults import fault_point
 from hcm.metrics import ScreeningScore
+from hcm.predictions import gather_rows
 
 log = logging.getLogger(__name__)
 
@@ -186,9 +187,10 @@ class ScreeningModule(L.LightningModule):
         if make is not None:
             self.val_score, self.test_score = make(), make()
 
-    def _score_step(self, batch: dict, metric: ScreeningScore) -> None:
+    def _score_step(self, batch: dict, metric: ScreeningScore) -> list[str]:
         completions = self.answer(batch)
         metric.update(completions, *(batch[k] for k in metric.batch_keys))
+        return completions
 
     def _log_score(self, metric: ScreeningScore, prefix: str) -> dict[str, float]:
         values = {f"{prefix}/score/{k}": v for k, v in metric.compute().items()}
@@ -202,8 +204,18 @@ class ScreeningModule(L.LightningModule):
     def on_validation_epoch_end(self) -> None:
         self._log_score(self.val_score, "val")
 
+    def on_test_epoch_start(self) -> None:
+        self.test_predictions: list[dict] = []
+
     def test_step(self, batch: dict, batch_idx: int) -> None:
-        self._score_step(batch, self.test_score)
+        completions = self._score_step(batch, self.test_score)
+        # each response's verdict, judged as the score counts it: the rows of predictions.jsonl
+        labels = (batch[k] for k in self.test_score.batch_keys)
+        verdicts = self.test_score.judge(completions, *labels)
+        self.test_predictions += [
+            {"id": i, **v} for i, v in zip(batch["ids"], verdicts, strict=True)
+        ]
 
     def on_test_epoch_end(self) -> None:
         self.test_results = self._log_score(self.test_score, "test")
+        self.test_predictions = gather_rows(self.test_predictions, self.trainer.world_size)
