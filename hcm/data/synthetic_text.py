@@ -9,13 +9,14 @@ without verdicts. The CoT follows the paper's format (Appendix B), one observati
 naming each candidate's real defects, or that it is consistent and physically plausible. The weak
 CoT is the same text made from a weak annotator's claims (`meta["weak"]["claims"]`).
 
-The `compact` style says the same in a few words per candidate, for models that must learn in
-minutes on a CPU (the full CoT runs to ~140 tokens of the tiny tokenizer, the compact one ~30):
+The `compact` style is for models that must learn in minutes on a CPU (the full CoT runs to ~140
+tokens of the tiny tokenizer, the compact one ~35). Its caption states in a few words what each
+candidate shows of placement, shadow and extra items, without verdicts, and its CoT is those
+observations (plus what changed against the original) followed by the answer they imply:
 
-    <think>A good. B floating. C shadow missing, extra object. D good.</think><answer>AD</answer>
-
-and its caption states what each candidate shows of placement, shadow and extra items, without
-verdicts: "A: floor, shadow. B: floating, shadow. C: floor, no shadow, extra object. D: ...".
+    A: floor, shadow. B: floating, shadow. C: floor, no shadow, extra object. D: floor, shadow.
+    <think>A: floor, shadow. B: floating, shadow. C: floor, no shadow, extra object. D: floor,
+    shadow.</think><answer>AD</answer>            (on one line)
 """
 
 from __future__ import annotations
@@ -115,33 +116,45 @@ def weak_cot_text(meta: Mapping[str, Any], style: str = "full") -> str:
     return TEXT_STYLES[style][1](meta, meta["weak"]["claims"])
 
 
-# One or two words per defect family, each a whole token or two of the tiny tokenizer.
-COMPACT_WORDS = {
+# What a compact caption cannot show (it describes one image; these need the original beside it).
+COMPARED_WORDS = {
     "colour": "colour changed",
     "shape": "shape changed",
     "label": "label changed",
     "parts_missing": "part missing",
     "quantity": "quantity changed",
-    "shadow_missing": "shadow missing",
-    "shadow_toward_light": "shadow toward light",
-    "shadow_inconsistent": "shadow inconsistent",
-    "floating": "floating",
-    "tilted": "tilted",
-    "cropped": "cropped",
-    "extra_object": "extra object",
-    "extra_mark": "extra mark",
 }
 
 
+def compact_seen(product: Mapping, defects: list) -> list[str]:
+    """What one candidate shows of placement, shadow and extra items, in a few words each."""
+    st = apply_defects(product, defects)
+    seen = ["floating" if st.gap else "tilted" if st.angle else "floor"]
+    if st.crop:
+        seen.append("cropped")
+    if st.shadow_opacity == 0:
+        seen.append("no shadow")
+    elif st.shadow_opacity < 0.5:
+        seen.append("faint shadow")
+    elif any(r < 0 for r in st.reach):  # a negative reach points toward the sun
+        seen.append("shadow toward light")
+    else:
+        seen.append("shadow")
+    return seen + ["extra object"] * bool(st.extra_object) + ["extra mark"] * bool(st.extra_mark)
+
+
 def compact_cot_text(meta: Mapping[str, Any], claims: Mapping[str, list] | None = None) -> str:
-    """The CoT format in a few words per candidate; `claims` override the truth."""
+    """The CoT as observations in a few words per candidate, then the answer they imply: a
+    candidate is acceptable when it stands on the floor with its shadow and nothing else is seen
+    (and nothing changed against the original). `claims` override the truth."""
     parts, chosen = [], []
     for c in meta["candidates"]:
         defects = (claims or {}).get(c["letter"], c["defects"])
         if not defects:
             chosen.append(c["letter"])
-        words = ", ".join(COMPACT_WORDS[d["family"]] for d in defects) or "good"
-        parts.append(f"{c['letter']} {words}.")
+        seen = compact_seen(meta["product"], defects)
+        seen += [COMPARED_WORDS[d["family"]] for d in defects if d["family"] in COMPARED_WORDS]
+        parts.append(f"{c['letter']}: {', '.join(seen)}.")
     x = "".join(chosen) or NONE_ANSWER
     return f"<think>{' '.join(parts)}</think><answer>{x}</answer>"
 
@@ -149,23 +162,8 @@ def compact_cot_text(meta: Mapping[str, Any], claims: Mapping[str, list] | None 
 def compact_caption_text(meta: Mapping[str, Any], size: int = 112) -> str:
     """What each candidate shows of placement, shadow and extra items, in a few words."""
     del size  # the compact caption gives no distances
-    parts = []
-    for c in meta["candidates"]:
-        st = apply_defects(meta["product"], c["defects"])
-        seen = ["floating" if st.gap else "tilted" if st.angle else "floor"]
-        if st.crop:
-            seen.append("cropped")
-        if st.shadow_opacity == 0:
-            seen.append("no shadow")
-        elif st.shadow_opacity < 0.5:
-            seen.append("faint shadow")
-        elif any(r < 0 for r in st.reach):  # a negative reach points toward the sun
-            seen.append("shadow toward light")
-        else:
-            seen.append("shadow")
-        seen += ["extra object"] * bool(st.extra_object) + ["extra mark"] * bool(st.extra_mark)
-        parts.append(f"{c['letter']}: {', '.join(seen)}.")
-    return " ".join(parts)
+    seen = (compact_seen(meta["product"], c["defects"]) for c in meta["candidates"])
+    return " ".join(f"{c['letter']}: {', '.join(s)}." for c, s in zip(meta["candidates"], seen))
 
 
 def product_words(p: Mapping[str, Any]) -> str:
