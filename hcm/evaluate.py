@@ -45,7 +45,10 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         loggers = make_loggers(cfg)
         try:
             trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=[])
-            trainer.test(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+            # verbose=False: the table below shows the results, in the paper's layout
+            trainer.test(
+                module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"), verbose=False
+            )
         finally:
             finish_loggers(loggers)
         results, metric = module.test_results, module.test_score
