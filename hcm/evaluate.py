@@ -48,7 +48,10 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         else:
             module = ScreeningModule(model=cfg.model, eval_generation=dict(cfg.generation))
             trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=[])
-            trainer.test(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+            # verbose=False: the table below shows the results, in the paper's layout
+            trainer.test(
+                module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"), verbose=False
+            )
             results, metric = module.test_results, module.test_score
             predictions = module.test_predictions
         model_name = str(cfg.get("ckpt_path") or cfg.model.name_or_path)

@@ -28,6 +28,7 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
+from hcm.curves import Panel, draw, read_curve
 from hcm.data.hard_cases import HardCaseSet
 
 log = logging.getLogger(__name__)
@@ -239,16 +240,6 @@ def to_csv(spec: dict, rows: Sequence[Row]) -> str:
 
 
 # -- curves ----------------------------------------------------------------------------------------
-def read_curve(path: Path, key: str) -> tuple[list[float], list[float]]:
-    steps, values = [], []
-    with path.open() as f:
-        for record in csv.DictReader(f):
-            if record.get(key) not in (None, ""):
-                steps.append(float(record.get("step") or len(steps)))
-                values.append(float(record[key]))
-    return steps, values
-
-
 def plot_curves(spec: dict, rows: Sequence[Row], jobs: Sequence[Job], path: Path) -> Path | None:
     """Reward and KL of the table's GRPO runs on one figure; None when there is none."""
     by_name = {j.name: j for j in jobs}
@@ -260,30 +251,11 @@ def plot_curves(spec: dict, rows: Sequence[Row], jobs: Sequence[Job], path: Path
         if job is not None and job.curves is not None:
             label = " ".join(x for x in row.labels if x)
             runs.append((label if row.labels[0] == group else f"{group} {label}".strip(), job))
-    if not runs:
-        return None
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        log.warning("matplotlib is not installed: no curves (pip install matplotlib)")
-        return None
-    fig, axes = plt.subplots(1, len(CURVES), figsize=(6 * len(CURVES), 4))
-    for ax, (key, title) in zip(axes, CURVES, strict=True):
-        for label, job in runs:
-            steps, values = read_curve(job.curves, key)
-            if values:
-                ax.plot(steps, values, marker="." if len(values) < 20 else None, label=label)
-        ax.set_title(f"{title} ({key})")
-        ax.set_xlabel("step")
-    axes[0].legend(fontsize="small")
-    fig.suptitle(spec["title"])
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    panels = [
+        Panel(f"{title} ({key})", "step", [(lb, *read_curve(job.curves, key)) for lb, job in runs])
+        for key, title in CURVES
+    ]
+    return draw(panels, path, spec["title"])
 
 
 # -- W&B -------------------------------------------------------------------------------------------

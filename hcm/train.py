@@ -11,17 +11,19 @@ from __future__ import annotations
 import logging
 import os
 import time
-import warnings
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
 from hydra.utils import instantiate
+from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from hcm import stages
 from hcm.config import validate
+from hcm.console import banner
+from hcm.summary import write_summary
 
 log = logging.getLogger(__name__)
 
@@ -55,8 +57,6 @@ def wandb_disabled() -> bool:
 def keep_csv(folder: Path) -> None:
     """Lightning's CSVLogger deletes an existing metrics.csv: a rerun (a resume) would lose the
     first run's rows. Keep them as metrics-<time>.csv beside the new file."""
-    from lightning.pytorch.utilities import rank_zero_only
-
     old = folder / "metrics.csv"
     if old.is_file() and rank_zero_only.rank == 0:  # DDP: every rank makes its loggers
         stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(old.stat().st_mtime))
@@ -96,10 +96,6 @@ def run_stage(cfg: DictConfig) -> dict[str, Any]:
     ckpt_path = stages.last_checkpoint(cfg, output_dir)  # checked before anything loads
     if ckpt_path:
         log.info("resuming from %s", ckpt_path)
-    # hcm.data.datamodule restores the training order's position itself (Lightning cannot tell),
-    # and GRPO's checkpoint after its optimizer step is the state a resume needs
-    warnings.filterwarnings("ignore", message=".*your dataloader is not resumable.*")
-    warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization")
     L.seed_everything(cfg.seed, workers=True)
     datamodule = instantiate(cfg.data, _convert_="all")
     module = instantiate(cfg.module, _convert_="all")
@@ -170,7 +166,7 @@ def compose_stages(cfg: DictConfig) -> list[tuple[str, str, DictConfig]]:
         stage_cfg = compose(config_name="eval" if kind == "eval" else "train", overrides=overrides)
         with open_dict(stage_cfg):
             stage_cfg.pipeline = {}
-        log.info("pipeline stage %s (%s): %s", name, kind, " ".join(overrides))
+        log.debug("pipeline stage %s (%s): %s", name, kind, " ".join(overrides))
         composed.append((name, kind, stage_cfg))
     return composed
 
@@ -184,11 +180,23 @@ def run_pipeline(cfg: DictConfig) -> dict[str, Any]:
     for _, _, stage_cfg in composed:
         validate(stage_cfg)
     metrics: dict[str, Any] = {}
-    for _, kind, stage_cfg in composed:
+    for i, (name, kind, stage_cfg) in enumerate(composed, start=1):
+        stage_banner(f"stage {i}/{len(composed)}: {name} ({stage_cfg.job_type})", stage_cfg)
         metrics = evaluate(stage_cfg) if kind == "eval" else run_stage(stage_cfg)
+    if rank_zero_only.rank == 0:  # DDP: every rank runs the pipeline
+        write_summary(Path(cfg.paths.output_dir), [name for name, _, _ in composed])
     return metrics
+
+
+def stage_banner(title: str, cfg: DictConfig) -> None:
+    if rank_zero_only.rank == 0:
+        init = cfg.get("ckpt_path") if cfg.job_type == "eval" else None
+        banner(title, str(init or cfg.model.name_or_path), str(cfg.paths.output_dir))
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:
     log.debug("config:\n%s", OmegaConf.to_yaml(cfg))
-    return run_pipeline(cfg) if cfg.get("pipeline") else run_stage(cfg)
+    if cfg.get("pipeline"):
+        return run_pipeline(cfg)
+    stage_banner(f"stage: {cfg.job_type}", cfg)
+    return run_stage(cfg)

@@ -14,6 +14,9 @@ import pytest
 from omegaconf import OmegaConf
 
 from hcm.config import ConfigError
+from hcm.data.hard_cases import HardCaseSet
+from hcm.data.records import DIMENSIONS
+from hcm.stats import wilson_interval
 from hcm.train import train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -101,6 +104,35 @@ def test_help_lists_groups_and_experiments(tmp_path):
         assert word in r.stdout, word
 
 
+def check_summary(run: Path) -> dict:
+    """summary.json at the run's root: a row per stage holding its own files' held-out score."""
+    summary = json.loads((run / "summary.json").read_text())
+    stages = summary["stages"]
+    assert list(stages) == ["sft_1_1", "sft_1_2", "grpo", "eval"]
+    test = json.loads((run / "stages" / "eval" / "metrics.json").read_text())["metrics"]
+    assert summary["random_baseline"] == test["test/score/random_baseline"]
+    for name, row in stages.items():
+        folder = run / "stages" / name
+        if name == "eval":
+            own = {k.removeprefix("test/score/"): v for k, v in test.items()}
+        else:
+            done = json.loads((folder / "stage.json").read_text())["metrics"]
+            own = {k.removeprefix("val/score/"): v for k, v in done.items()}
+        keys = ("overall", "count", "exact_match", "mean_dpa", "valid_rate", *DIMENSIONS)
+        assert {k: row[k] for k in keys} == {k: own[k] for k in keys}, name
+        assert row["count"] == 16 and row["split"] == "test"
+        k = round(row["overall"] * 16 / 100)
+        assert row["overall_ci"] == [100 * x for x in wilson_interval(k, 16)]
+    assert "delta_vs_previous" not in stages["sft_1_1"]
+    assert stages["grpo"]["delta_vs_previous"]["stage"] == "sft_1_2"
+    assert stages["eval"]["delta_vs_previous"]["stage"] == "sft_1_2"  # eval scores GRPO's model
+    mined = HardCaseSet.load(run / "stages" / "grpo" / "hard_cases.json")
+    assert stages["grpo"]["hard_cases"] == len(mined.hard_ids)
+    assert stages["grpo"]["train_cases"] == len(mined.hard_ids) + len(mined.easy_ids) == 24
+    assert (run / "summary.png").is_file() and (run / "summary.md").is_file()
+    return summary
+
+
 @pytest.mark.slow
 def test_pipeline_chains_resumes_and_refuses_changed_config(compose_cfg):
     grpo = "'data.composition=all_plus_hard','trainer.max_epochs=2','trainer.limit_train_batches=1'"
@@ -116,9 +148,12 @@ def test_pipeline_chains_resumes_and_refuses_changed_config(compose_cfg):
     hard = json.loads((stages / "grpo" / "hard_cases.json").read_text())
     assert hard  # the mining cache of the initial (SFT 1.2) policy
     mtime = (stages / "grpo" / "model" / "model.safetensors").stat().st_mtime
+    summary = check_summary(Path(cfg.paths.output_dir))
 
     train(compose_cfg("train", overrides))  # a rerun skips the finished stages
     assert (stages / "grpo" / "model" / "model.safetensors").stat().st_mtime == mtime
+    # ... and summarises them all the same (the eval stage ran again: same greedy answers)
+    assert json.loads((Path(cfg.paths.output_dir) / "summary.json").read_text()) == summary
 
     changed = compose_cfg("train", [*overrides, "seed=1"])
     with pytest.raises(ConfigError, match="another config"):

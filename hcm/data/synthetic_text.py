@@ -162,8 +162,10 @@ def compact_cot_text(meta: Mapping[str, Any], claims: Mapping[str, list] | None 
 def compact_caption_text(meta: Mapping[str, Any], size: int = 112) -> str:
     """What each candidate shows of placement, shadow and extra items, in a few words."""
     del size  # the compact caption gives no distances
-    seen = (compact_seen(meta["product"], c["defects"]) for c in meta["candidates"])
-    return " ".join(f"{c['letter']}: {', '.join(s)}." for c, s in zip(meta["candidates"], seen))
+    parts = []
+    for c in meta["candidates"]:
+        parts.append(f"{c['letter']}: {', '.join(compact_seen(meta['product'], c['defects']))}.")
+    return " ".join(parts)
 
 
 def product_words(p: Mapping[str, Any]) -> str:

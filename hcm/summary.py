@@ -1,0 +1,231 @@
+"""A pipeline run's summary: the held-out screening score of every stage beside the random
+baseline, printed as one table and written at the run's root (`summary.json`, `summary.md`,
+`summary.png` with the curves).
+
+The numbers are read from the stages' files, never from logs, so a rerun that skips finished
+stages summarises them all the same:
+- an eval stage: its `metrics.json` (`test/score/*`, on `data.eval_split`);
+- an SFT or GRPO stage: the final validation kept in its `stage.json` (`val/score/*`: the model
+  it exported, on the same held-out split); a stage that never validated has no row.
+
+Each score carries its Wilson 95% interval (hcm.stats). A stage is compared with the nearest
+earlier row that scored another model on the same held-out samples (same split and count):
+GRPO against the SFT model it started from, the final evaluation against the last SFT stage
+(skipping the GRPO row, which scored the same model). The curves come from each stage's CSV
+logger file (`csv/metrics.csv`); without the CSV logger there is no figure.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from hcm.curves import Panel, draw, read_curve
+from hcm.data.hard_cases import HardCaseSet
+from hcm.data.records import DIMENSIONS, atomic_write_text
+from hcm.metrics import HEADERS
+from hcm.stats import difference_interval, wilson_interval
+
+log = logging.getLogger(__name__)
+
+SCORES = ("overall", "count", "exact_match", "mean_dpa", "valid_rate", *DIMENSIONS)
+
+
+@dataclass
+class StageScore:
+    """One stage's held-out score: what was scored, on which split, and the section-5.1 metrics
+    without their `val/score/` or `test/score/` prefix (percentages, and `count`)."""
+
+    name: str
+    kind: str  # sft | grpo | eval
+    model: str  # the model folder that was scored
+    split: str
+    metrics: dict[str, float]
+    folder: Path
+
+
+def _unprefixed(metrics: dict[str, Any], prefix: str) -> dict[str, float]:
+    return {k[len(prefix) :]: float(v) for k, v in metrics.items() if k.startswith(prefix)}
+
+
+def read_stage(folder: Path) -> StageScore | None:
+    """The held-out score a finished stage folder holds, None when it holds none."""
+    folder = Path(folder)
+    if (folder / "metrics.json").is_file():  # an evaluation
+        payload = json.loads((folder / "metrics.json").read_text())
+        metrics = _unprefixed(payload["metrics"], "test/score/")
+        kind, model, split = "eval", str(payload.get("model", "")), str(payload.get("split", ""))
+    elif (folder / "stage.json").is_file():  # a training stage: its final validation
+        done = json.loads((folder / "stage.json").read_text())
+        metrics = _unprefixed(done.get("metrics", {}), "val/score/")
+        split = str(((done.get("config") or {}).get("data") or {}).get("eval_split", ""))
+        kind, model = str(done.get("kind", "train")), str(done.get("model_dir", ""))
+    else:
+        return None
+    if "overall" not in metrics or "count" not in metrics:
+        return None
+    return StageScore(folder.name, kind, model, split, metrics, folder)
+
+
+def _same_model(a: str, b: str) -> bool:
+    return bool(a) and bool(b) and Path(a).resolve() == Path(b).resolve()
+
+
+def previous(scores: list[StageScore], i: int) -> StageScore | None:
+    """The nearest earlier stage that scored another model on the same held-out samples."""
+    s = scores[i]
+    for p in reversed(scores[:i]):
+        same_set = p.split == s.split and p.metrics["count"] == s.metrics["count"]
+        if same_set and not _same_model(p.model, s.model):
+            return p
+    return None
+
+
+def correct(s: StageScore) -> float:
+    """How many held-out samples were answered correctly (the score is a percentage of count)."""
+    return round(s.metrics["overall"] * s.metrics["count"] / 100)
+
+
+def summarize(scores: list[StageScore]) -> dict[str, Any]:
+    """summary.json: the random baseline and, per stage, its scores, the 95% interval of the
+    overall score, and the difference from the previous stage with its 95% interval."""
+    final = scores[-1].metrics if scores else {}
+    summary: dict[str, Any] = {
+        "random_baseline": final.get("random_baseline"),
+        "random_baseline_dimensions": {d: final.get(f"random_baseline/{d}") for d in DIMENSIONS},
+        "stages": {},
+    }
+    for i, s in enumerate(scores):
+        n = s.metrics["count"]
+        lo, hi = wilson_interval(correct(s), n)
+        row: dict[str, Any] = {"kind": s.kind, "split": s.split, "model": s.model}
+        row.update({k: s.metrics.get(k) for k in SCORES})
+        row["count"] = int(n)
+        row["overall_ci"] = [100 * lo, 100 * hi]
+        prev = previous(scores, i)
+        if prev is not None:
+            delta, dlo, dhi = difference_interval(
+                correct(prev), prev.metrics["count"], correct(s), n
+            )
+            row["delta_vs_previous"] = {
+                "stage": prev.name,
+                "overall": 100 * delta,
+                "overall_ci": [100 * dlo, 100 * dhi],
+            }
+        cases = s.folder / "hard_cases.json"
+        if cases.is_file():  # a GRPO stage's mining: how hard the training split was
+            mined = HardCaseSet.load(cases)
+            row["hard_cases"] = len(mined.hard_ids)
+            row["train_cases"] = len(mined.hard_ids) + len(mined.easy_ids)
+        summary["stages"][s.name] = row
+    return summary
+
+
+def _scored(name: str, row: dict, rows: dict) -> str:
+    if row["kind"] != "eval":
+        return f"{row['kind']}, last validation"
+    owner = next(
+        (k for k, r in rows.items() if k != name and _same_model(r["model"], row["model"])), None
+    )
+    return f"test of {owner or Path(row['model']).name or row['model']}"
+
+
+def to_markdown(summary: dict[str, Any]) -> str:
+    """The summary as one Markdown table: the random baseline, then a row per stage."""
+
+    def num(v: float | None) -> str:
+        return "n/a" if v is None else f"{v:.2f}"
+
+    head = ["Stage", "Scored", "Overall [95% CI]", "n", "Exact match", "Mean DPA", "Valid"]
+    head += [*HEADERS[1:], "Δ overall [95% CI]"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    rows = summary["stages"]
+    count = next((r["count"] for r in reversed(rows.values())), None)
+    base = summary["random_baseline_dimensions"]
+    cells = ["Random", "-", num(summary["random_baseline"]), str(count or "-"), "-", "-", "-"]
+    lines.append("| " + " | ".join([*cells, *(num(base[d]) for d in DIMENSIONS), "-"]) + " |")
+    for name, r in rows.items():
+        lo, hi = r["overall_ci"]
+        delta = r.get("delta_vs_previous")
+        d_text = "-"
+        if delta is not None:
+            dlo, dhi = delta["overall_ci"]
+            d_text = f"{delta['overall']:+.2f} [{dlo:+.2f}, {dhi:+.2f}] vs {delta['stage']}"
+        cells = [name, _scored(name, r, rows), f"{num(r['overall'])} [{lo:.2f}, {hi:.2f}]"]
+        cells += [str(r["count"]), num(r["exact_match"]), num(r["mean_dpa"]), num(r["valid_rate"])]
+        cells += [*(num(r[d]) for d in DIMENSIONS), d_text]
+        lines.append("| " + " | ".join(cells) + " |")
+    notes = [
+        f"{k}: {r['hard_cases']} hard cases of {r['train_cases']}"
+        for k, r in rows.items()
+        if "hard_cases" in r
+    ]
+    return "\n".join(lines) + ("\n\nMining: " + "; ".join(notes) if notes else "") + "\n"
+
+
+def _chained(folders: list[tuple[str, Path]], key: str, x: str) -> list[tuple[str, list, list]]:
+    """One series per stage, shifted so that each starts where the previous one ended."""
+    series, offset = [], 0.0
+    for name, path in folders:
+        xs, ys = read_curve(path, key, x)
+        if ys:
+            series.append((name, [v + offset for v in xs], ys))
+            offset += max(xs) + 1
+    return series
+
+
+def curve_panels(folders: list[Path], baseline: float | None) -> list[Panel]:
+    """SFT loss and GRPO reward and KL per step, the held-out score per epoch (all training
+    stages, end to end), each from the stages' CSV logs."""
+    logs = {
+        f.name: f / "csv" / "metrics.csv" for f in folders if (f / "csv" / "metrics.csv").is_file()
+    }
+    kinds = {}
+    for f in folders:
+        if (f / "stage.json").is_file():
+            kinds[f.name] = json.loads((f / "stage.json").read_text()).get("kind")
+    sft = [(n, p) for n, p in logs.items() if kinds.get(n) == "sft"]
+    grpo = [(n, p) for n, p in logs.items() if kinds.get(n) == "grpo"]
+    trained = [(n, p) for n, p in logs.items() if n in kinds]
+    hline = ("random", baseline) if baseline is not None else None
+    return [
+        Panel(
+            "SFT loss (train/loss)", "step, stage after stage", _chained(sft, "train/loss", "step")
+        ),
+        Panel(
+            "GRPO reward (train/reward/total)", "step", _chained(grpo, "train/reward/total", "step")
+        ),
+        Panel("GRPO KL (train/kl)", "step", _chained(grpo, "train/kl", "step")),
+        Panel(
+            "held-out score (val/score/overall)",
+            "epoch, stage after stage",
+            _chained(trained, "val/score/overall", "epoch"),
+            hline,
+        ),
+    ]
+
+
+def write_summary(run_dir: Path, stage_names: list[str]) -> dict[str, Any]:
+    """Print the table and write summary.json, summary.md and summary.png into `run_dir`."""
+    run_dir = Path(run_dir)
+    folders = [run_dir / "stages" / name for name in stage_names]
+    scores = [s for f in folders if (s := read_stage(f)) is not None]
+    if not scores:
+        log.info("no stage holds a held-out score: no summary")
+        return {}
+    summary = summarize(scores)
+    table = to_markdown(summary)
+    print(f"\nSummary of {run_dir}\n\n{table}")
+    atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2))
+    atomic_write_text(run_dir / "summary.md", table)
+    image = run_dir / "summary.png"
+    image.unlink(missing_ok=True)  # an earlier run's figure would no longer match the table
+    image = draw(curve_panels(folders, summary["random_baseline"]), image, run_dir.name)
+    written = ", ".join(
+        p.name for p in (run_dir / "summary.json", run_dir / "summary.md", image) if p
+    )
+    log.info("summary written to %s: %s", run_dir, written)
+    return summary

@@ -1,0 +1,153 @@
+"""hcm.summary on hand-made stage folders: which stages get a row, the intervals, which earlier
+stage each one is compared with, the table, and the curves (skipped where a log is missing)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from hcm.data.records import DIMENSIONS
+from hcm.stats import difference_interval, wilson_interval
+from hcm.summary import curve_panels, read_stage, to_markdown, write_summary
+
+DIMS = dict(zip(DIMENSIONS, (40.0, 50.0, 60.0, 70.0), strict=True))
+
+
+def scores(prefix: str, overall: float, count: int = 100) -> dict[str, float]:
+    m = {"overall": overall, "count": count, "exact_match": overall / 2, "mean_dpa": overall / 3}
+    m |= {"valid_rate": 90.0, "random_baseline": 34.0, **DIMS}
+    m |= {f"random_baseline/{d}": 30.0 + i for i, d in enumerate(DIMENSIONS)}
+    return {prefix + k: v for k, v in m.items()}
+
+
+def train_stage(run: Path, name: str, kind: str, metrics: dict, log: list[dict] | None = None):
+    folder = run / "stages" / name
+    folder.mkdir(parents=True)
+    done = {
+        "kind": kind,
+        "model_dir": str(folder / "model"),
+        "config": {"data": {"eval_split": "test"}},
+        "metrics": {"train/loss": 1.0, **metrics},
+    }
+    (folder / "stage.json").write_text(json.dumps(done))
+    if log:
+        keys = sorted({k for row in log for k in row})
+        lines = [",".join(keys)] + [",".join(str(r.get(k, "")) for k in keys) for r in log]
+        (folder / "csv").mkdir()
+        (folder / "csv" / "metrics.csv").write_text("\n".join(lines) + "\n")
+    return folder
+
+
+def eval_stage(run: Path, name: str, model: Path, metrics: dict) -> Path:
+    folder = run / "stages" / name
+    folder.mkdir(parents=True)
+    payload = {"metrics": metrics, "model": str(model), "split": "test"}
+    (folder / "metrics.json").write_text(json.dumps(payload))
+    return folder
+
+
+@pytest.fixture
+def run(tmp_path) -> Path:
+    """SFT 50/100 -> GRPO 60/100 (final validation) -> eval of the GRPO model 62/100, plus a
+    stage that never validated and an evaluation on another number of samples."""
+    run = tmp_path / "run"
+    sft_log = [{"step": s, "epoch": 0, "train/loss": 3.0 - s} for s in range(3)]
+    sft_log.append({"step": 2, "epoch": 0, "val/score/overall": 50.0})
+    train_stage(run, "sft", "sft", scores("val/score/", 50.0), sft_log)
+    train_stage(run, "no_val", "sft", {})
+    grpo_log = [
+        {"step": s, "epoch": s // 2, "train/reward/total": 0.1 * s, "train/kl": 0.01 * s}
+        for s in range(4)
+    ]
+    grpo_log += [{"step": 1, "epoch": 0, "val/score/overall": 55.0}]
+    grpo_log += [{"step": 3, "epoch": 1, "val/score/overall": 60.0}]
+    grpo = train_stage(run, "grpo", "grpo", scores("val/score/", 60.0), grpo_log)
+    eval_stage(run, "eval", grpo / "model", scores("test/score/", 62.0))
+    eval_stage(run, "eval_small", grpo / "model", scores("test/score/", 50.0, count=16))
+    return run
+
+
+def test_summary_rows_intervals_and_deltas(run, capsys):
+    summary = write_summary(run, ["sft", "no_val", "grpo", "eval", "eval_small", "absent"])
+    assert json.loads((run / "summary.json").read_text()) == summary
+    stages = summary["stages"]
+    assert list(stages) == ["sft", "grpo", "eval", "eval_small"]  # no held-out score: no row
+    assert summary["random_baseline"] == 34.0
+    assert summary["random_baseline_dimensions"] == {d: 30.0 + i for i, d in enumerate(DIMENSIONS)}
+    for name, overall in (("sft", 50.0), ("grpo", 60.0), ("eval", 62.0)):
+        row = stages[name]
+        assert (row["overall"], row["count"], row["exact_match"]) == (overall, 100, overall / 2)
+        assert (row["mean_dpa"], row["valid_rate"]) == (overall / 3, 90.0)
+        assert {d: row[d] for d in DIMENSIONS} == DIMS
+        lo, hi = wilson_interval(overall, 100)
+        assert row["overall_ci"] == pytest.approx([100 * lo, 100 * hi])
+    assert stages["sft"]["kind"] == "sft" and stages["eval"]["kind"] == "eval"
+    assert "delta_vs_previous" not in stages["sft"]
+    # GRPO against the SFT model it started from
+    d, lo, hi = difference_interval(50, 100, 60, 100)
+    delta = stages["grpo"]["delta_vs_previous"]
+    assert delta["stage"] == "sft" and delta["overall"] == pytest.approx(100 * d)
+    assert delta["overall_ci"] == pytest.approx([100 * lo, 100 * hi])
+    # the evaluation scored the GRPO model: compared with SFT, not with GRPO's own validation
+    assert stages["eval"]["delta_vs_previous"]["stage"] == "sft"
+    assert stages["eval"]["delta_vs_previous"]["overall"] == pytest.approx(12.0)
+    # 16 samples are not the same held-out set as 100: nothing to compare with
+    assert "delta_vs_previous" not in stages["eval_small"]
+
+    table = (run / "summary.md").read_text()
+    assert table in capsys.readouterr().out  # printed as written
+    lines = table.splitlines()
+    assert lines[2].startswith("| Random | - | 34.00 | 16 |")
+    assert lines[3].startswith(
+        "| sft | sft, last validation | 50.00 [40.38, 59.62] | 100 | 25.00 |"
+    )
+    assert lines[5].startswith("| eval | test of grpo | 62.00 [")
+    assert lines[4].endswith("| +10.00 [-3.79, +23.39] vs sft |")
+    assert (run / "summary.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_curves_chain_the_stages_and_skip_missing_logs(run):
+    folders = [run / "stages" / n for n in ("sft", "no_val", "grpo", "eval")]
+    panels = {p.title.split(" (")[0]: p for p in curve_panels(folders, 34.0)}
+    assert panels["SFT loss"].series == [("sft", [0.0, 1.0, 2.0], [3.0, 2.0, 1.0])]
+    assert panels["GRPO reward"].series == [
+        ("grpo", [0.0, 1.0, 2.0, 3.0], pytest.approx([0.0, 0.1, 0.2, 0.3]))
+    ]
+    assert panels["GRPO KL"].series[0][0] == "grpo"
+    # per epoch, each training stage after the previous one; the random level as a reference
+    held_out = panels["held-out score"]
+    assert held_out.series == [("sft", [0.0], [50.0]), ("grpo", [1.0, 2.0], [55.0, 60.0])]
+    assert held_out.hline == ("random", 34.0)
+
+
+def test_no_logs_no_figure_and_no_scores_no_summary(tmp_path):
+    run = tmp_path / "run"
+    train_stage(run, "sft", "sft", scores("val/score/", 50.0))  # no CSV log
+    summary = write_summary(run, ["sft"])
+    assert list(summary["stages"]) == ["sft"] and not (run / "summary.png").exists()
+    assert write_summary(tmp_path / "empty", ["sft"]) == {}
+    assert not (tmp_path / "empty" / "summary.json").exists()
+
+
+def test_read_stage_needs_a_held_out_score(tmp_path):
+    folder = train_stage(tmp_path, "s", "sft", {"val/score/overall": 1.0})  # no count
+    assert read_stage(folder) is None
+    assert read_stage(tmp_path / "missing") is None
+
+
+def test_table_without_earlier_stage_has_no_delta():
+    summary = {
+        "random_baseline": 35.0,
+        "random_baseline_dimensions": dict.fromkeys(DIMENSIONS, 35.0),
+        "stages": {
+            "eval": {"kind": "eval", "model": "/m", "overall": 0.0, "overall_ci": [0.0, 19.36],
+                     "count": 16, "exact_match": 0.0, "mean_dpa": 0.0, "valid_rate": 0.0,
+                     **dict.fromkeys(DIMENSIONS, 0.0)},
+        },
+    }  # fmt: skip
+    last = to_markdown(summary).splitlines()[-1]
+    assert last == "| eval | test of m | 0.00 [0.00, 19.36] | 16 | 0.00 | 0.00 | 0.00 | " + (
+        "0.00 | 0.00 | 0.00 | 0.00 | - |"
+    )
