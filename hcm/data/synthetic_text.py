@@ -12,11 +12,11 @@ CoT is the same text made from a weak annotator's claims (`meta["weak"]["claims"
 The `compact` style is for models that must learn in minutes on a CPU (the full CoT runs to ~140
 tokens of the tiny tokenizer, the compact one ~35). Its caption states in a few words what each
 candidate shows of placement, shadow and extra items, without verdicts, and its CoT is those
-observations (plus what changed against the original) followed by the answer they imply:
+observations (plus what changed against the original), a verdict per candidate, and the answer:
 
     A: floor, shadow. B: floating, shadow. C: floor, no shadow, extra object. D: floor, shadow.
-    <think>A: floor, shadow. B: floating, shadow. C: floor, no shadow, extra object. D: floor,
-    shadow.</think><answer>AD</answer>            (on one line)
+    <think>A: floor, shadow, acceptable. B: floating, shadow, unacceptable. C: floor, no shadow,
+    extra object, unacceptable. D: floor, shadow, acceptable.</think><answer>AD</answer>
 """
 
 from __future__ import annotations
@@ -144,9 +144,9 @@ def compact_seen(product: Mapping, defects: list) -> list[str]:
 
 
 def compact_cot_text(meta: Mapping[str, Any], claims: Mapping[str, list] | None = None) -> str:
-    """The CoT as observations in a few words per candidate, then the answer they imply: a
-    candidate is acceptable when it stands on the floor with its shadow and nothing else is seen
-    (and nothing changed against the original). `claims` override the truth."""
+    """The CoT as observations in a few words per candidate, each with its verdict, then the
+    answer: a candidate is acceptable when it stands on the floor with its shadow, nothing else is
+    seen and nothing changed against the original. `claims` override the truth."""
     parts, chosen = [], []
     for c in meta["candidates"]:
         defects = (claims or {}).get(c["letter"], c["defects"])
@@ -154,6 +154,7 @@ def compact_cot_text(meta: Mapping[str, Any], claims: Mapping[str, list] | None 
             chosen.append(c["letter"])
         seen = compact_seen(meta["product"], defects)
         seen += [COMPARED_WORDS[d["family"]] for d in defects if d["family"] in COMPARED_WORDS]
+        seen.append("unacceptable" if defects else "acceptable")
         parts.append(f"{c['letter']}: {', '.join(seen)}.")
     x = "".join(chosen) or NONE_ANSWER
     return f"<think>{' '.join(parts)}</think><answer>{x}</answer>"
