@@ -168,6 +168,7 @@ RULES: tuple[Rule, ...] = (
     # module: GRPO (eqs. 2-7)
     Rule("module.group_size", int_at_least(2), "an integer >= 2 (G: GRPO needs a group)"),
     Rule("module.beta", num_in(0, INF), "a number >= 0"),
+    Rule("module.kl_clamp", num_in(0, INF, low_open=True), "a number > 0 or null", True),
     Rule("module.clip_eps", num_in(0, 1, True, True), "a number in (0, 1)"),
     Rule("module.clip_eps_high", num_in(0, 1, True, True), "a number in (0, 1) or null", True),
     Rule("module.num_iterations", int_at_least(1), "an integer >= 1 (mu)"),

@@ -87,13 +87,14 @@ class ScreeningModule(L.LightningModule):
 
         return resolve_name_or_path(self.model_cfg["name_or_path"], self.model_cfg.get("tiny"))
 
-    def load_policy(self) -> Any:
+    def load_policy(self, dtype: str | None = None) -> Any:
+        """The model at `model_path`, its weights in `dtype` (None: `model.dtype`)."""
         from hcm.model.loading import load_model
 
         cfg = self.model_cfg
         return load_model(
             self.model_path,
-            dtype=cfg.get("dtype", "auto"),
+            dtype=dtype or cfg.get("dtype", "auto"),
             attn_implementation=cfg.get("attn_implementation", "auto"),
             gradient_checkpointing=cfg.get("gradient_checkpointing", False),
             trust_remote_code=cfg.get("trust_remote_code", False),
@@ -105,7 +106,12 @@ class ScreeningModule(L.LightningModule):
             return
         from hcm.model.loading import freeze, load_tokenizer
 
-        self.model = self.load_policy().train()  # from_pretrained returns eval mode
+        # A training stage holds the policy in fp32 whatever model.dtype says: AdamW's update
+        # of a bf16 weight rounds away below 2^-9 of it (lr 1e-6 moves ~2% of the weights that
+        # fp32 moves). bf16 autocast (trainer.precision) still computes in bf16. Evaluation
+        # (no freeze config) keeps model.dtype.
+        training = bool(self.freeze_cfg)
+        self.model = self.load_policy("fp32" if training else None).train()
         self.tokenizer = load_tokenizer(
             self.model_path, trust_remote_code=self.model_cfg.get("trust_remote_code", False)
         )

@@ -111,6 +111,7 @@ class GRPOModule(ScreeningModule):
         eval_generation: dict | None = None,
         group_size: int = 4,
         beta: float = 0.04,
+        kl_clamp: float | None = None,
         clip_eps: float = 0.2,
         clip_eps_high: float | None = None,
         num_iterations: int = 1,
@@ -132,7 +133,7 @@ class GRPOModule(ScreeningModule):
         if loss_agg not in AGGREGATIONS:
             raise ValueError(f"module.loss_agg must be one of {AGGREGATIONS}, got {loss_agg!r}")
         self.automatic_optimization = False  # mu updates and mini-batches per rollout
-        self.G, self.beta = group_size, beta
+        self.G, self.beta, self.kl_clamp = group_size, beta, kl_clamp
         self.clip_eps, self.clip_eps_high = clip_eps, clip_eps_high
         self.num_iterations = num_iterations
         self.loss_level, self.loss_agg, self.advantage_scale = loss_level, loss_agg, advantage_scale
@@ -164,8 +165,15 @@ class GRPOModule(ScreeningModule):
         if self.model is not None:
             return
         super().configure_model()
-        if self.beta > 0:  # the frozen reference: the initial checkpoint (eq. 4)
-            self.ref_model = self.load_policy().eval().requires_grad_(False)
+        if self.beta > 0:  # the frozen reference: the initial checkpoint (eq. 4), in model.dtype
+            self.ref_model = self.load_policy(self._reference_dtype()).eval().requires_grad_(False)
+
+    def _reference_dtype(self) -> str | None:
+        """model.dtype, except under FSDP: there the reference is a submodule of the module FSDP
+        wraps, and the root unit flattens the policy's and the reference's leftover weights
+        (embeddings, norms, lm_head) into one tensor, which must have one dtype: the policy's."""
+        strategy = self._trainer.strategy if self._trainer is not None else None
+        return "fp32" if type(strategy).__name__ == "FSDPStrategy" else None
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         super().on_save_checkpoint(checkpoint)
@@ -209,7 +217,9 @@ class GRPOModule(ScreeningModule):
 
         # Mining may sample (k > 1); training draws the same RNG stream whether it mined or found
         # the cache, so the five arms of Table 7 sample alike and a rerun repeats the first run.
-        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+        # Under trainer.precision's autocast, as validation: the fp32 policy decodes in bf16.
+        forked = torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else [])
+        with forked, self.trainer.precision_plugin.forward_context():
             hard = mine_hard_cases(self, dm, **self.mining)
         dm.set_hard_cases(hard)
 
@@ -321,6 +331,7 @@ class GRPOModule(ScreeningModule):
             beta=self.beta,
             level=self.loss_level,
             agg=self.loss_agg,
+            kl_clamp=self.kl_clamp,
         )
         share = loss_share(mask, rollout.size, n_tokens, self.loss_agg)
         self.manual_backward(loss * share)
