@@ -1,5 +1,8 @@
 """Sampling from the tiny InternVL3: banned tokens, stop strings, completion order and masks."""
 
+import json
+import shutil
+
 import pytest
 import torch
 from torch import nn
@@ -162,3 +165,24 @@ def test_generate_restores_train_mode_and_needs_left_padding(model, tok, prompts
     right["attention_mask"] = prompts["attention_mask"].flip(1)
     with pytest.raises(ValueError, match="left-padded"):
         generate(model, right, tok, max_new_tokens=2, do_sample=False)
+
+
+def test_the_checkpoints_generation_config_changes_nothing(tiny_path, model, tok, prompts, tmp_path):
+    # transformers fills every GenerationConfig field we leave unset from the checkpoint's
+    # generation_config.json; a hub checkpoint's penalties or sampling settings must not reach
+    # rollouts or evaluation (the log-probs would not follow them)
+    hostile = tmp_path / "hostile"
+    shutil.copytree(tiny_path, hostile)
+    settings = {"repetition_penalty": 1.5, "temperature": 0.1, "top_k": 1, "max_length": 5}
+    settings["no_repeat_ngram_size"] = 1
+    (hostile / "generation_config.json").write_text(json.dumps(settings))
+    other = load_model(hostile)
+    assert other.generation_config.repetition_penalty == 1.5
+    rollout = {"do_sample": True, "temperature": 1.0, "top_k": 3, "top_p": 0.8}
+    for kwargs in ({"do_sample": False}, {**rollout, "num_return_sequences": 2}):  # eval, GRPO
+        outs = []
+        for m in (model, other):
+            torch.manual_seed(0)
+            outs.append(generate(m, prompts, tok, max_new_tokens=24, stop_strings=(), **kwargs))
+        assert outs[0].completion_ids.shape[1] == 24  # max_length 5 did not cut them
+        assert torch.equal(outs[0].completion_ids, outs[1].completion_ids), kwargs

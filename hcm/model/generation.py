@@ -10,6 +10,9 @@ The G completions of a prompt are drawn from G copies of it made here (`repeat_b
 `generate(num_return_sequences=G)`: transformers 5.17 repeats InternVL's `pixel_values` per tile
 instead of per sample, giving the copies of a multi-tile prompt other images (5.23 is right).
 
+Only our arguments (and transformers' global defaults) configure sampling: the checkpoint's
+`generation_config.json` is ignored.
+
 A completion ends at eos (kept: the model learns to stop) or at the end of the first stop string
 (`</answer>`); the tokens after it are padding with completion_mask 0. The stop-string criterion
 is built once per tokenizer and reused: transformers 5.23 rebuilds it on every call (its cache key
@@ -186,6 +189,10 @@ def generate(
         raise ValueError("generate needs a left-padded batch (encode(..., padding_side='left'))")
     was_training = model.training
     model.eval()
+    # transformers fills the fields `config` leaves unset from model.generation_config, i.e. the
+    # checkpoint's generation_config.json (a hub file's repetition_penalty or min_p would change
+    # rollouts, not the log-probs): a blank one leaves only ours and transformers' defaults.
+    checkpoints, model.generation_config = model.generation_config, GenerationConfig()
     try:
         if share_images and "pixel_values" in inputs:
             inputs = _shared_image_inputs(model, inputs, num_return_sequences)
@@ -201,6 +208,7 @@ def generate(
         )  # (N, P + L)
     finally:
         model.train(was_training)
+        model.generation_config = checkpoints
     prompt_length = inputs["input_ids"].shape[1]
     ids, mask, texts = truncate_completions(sequences[:, prompt_length:], tokenizer, stop_strings)
     return Generation(ids, mask, texts, prompt_length)
