@@ -167,7 +167,9 @@ def test_generate_restores_train_mode_and_needs_left_padding(model, tok, prompts
         generate(model, right, tok, max_new_tokens=2, do_sample=False)
 
 
-def test_the_checkpoints_generation_config_changes_nothing(tiny_path, model, tok, prompts, tmp_path):
+def test_the_checkpoints_generation_config_changes_nothing(
+    tiny_path, model, tok, prompts, tmp_path
+):
     # transformers fills every GenerationConfig field we leave unset from the checkpoint's
     # generation_config.json; a hub checkpoint's penalties or sampling settings must not reach
     # rollouts or evaluation (the log-probs would not follow them)
