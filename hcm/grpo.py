@@ -84,6 +84,20 @@ def group_advantages(
     return advantages.reshape(-1)  # (B*G,)
 
 
+def truncation_mask(mask: torch.Tensor, truncated: torch.Tensor) -> torch.Tensor:
+    """The completion mask without the completions cut by the token budget (TRL's
+    `mask_truncated_completions`): (N, T), (N,) bool -> (N, T). Such a row still counts in
+    eq. 3's mean over completions, with loss 0; the group's advantages are computed before.
+
+    >>> truncation_mask(torch.ones(2, 3), torch.tensor([False, True]))
+    tensor([[1., 1., 1.],
+            [0., 0., 0.]])
+    """
+    if truncated.shape != mask.shape[:1]:
+        raise ValueError(f"truncated must be (N,)=({mask.shape[0]},), got {tuple(truncated.shape)}")
+    return mask * ~truncated[:, None].to(torch.bool)
+
+
 def _masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     total = torch.where(mask, x, torch.zeros_like(x)).sum()
     return total / mask.sum().clamp(min=1)

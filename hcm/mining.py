@@ -1,11 +1,16 @@
 """Hard-case mining (section 4.2): the initial policy answers every training sample.
 
-Wrong answers (section-5.1 metric) are hard cases, right ones easy. Greedy by default (the
-paper); with `k` > 1 samples per case (at `temperature`, full softmax) and a pass-rate threshold,
-a case is easy when at least `pass_threshold` of its answers are right. Answers come from the
-module's `answer`, i.e. `hcm.model.generation.generate`, which never emits image tokens. Each
-rank answers its shard of the training set; the verdicts are summed across ranks, rank 0 writes
-the cache, and every rank returns the same hard set.
+Wrong answers are hard cases, right ones easy. The paper does not say which rule makes an answer
+right; `correct` chooses: "metric" (the default) is section 5.1's, so "A" for "AC" is right (easy),
+"exact" needs the whole acceptable set, so "A" for "AC" is hard. (The public benchmarks have one
+answer per question: their datamodule's `is_correct`, where both rules agree.) Greedy by default
+(the paper); with `k` > 1 samples per case (at `temperature`, full softmax) and a pass-rate
+threshold, a case is easy when at least `pass_threshold` of its answers are right. Answers get
+the module's evaluation budget (`max_completion_length`); the fraction cut by it is logged as
+`mining/completion_length/truncated_frac` (a cut CoT has no answer: a hard case). Answers come
+from the module's `answer`, i.e. `hcm.model.generation.generate`, which never emits image
+tokens. Each rank answers its shard of the training set; the verdicts are summed across ranks,
+rank 0 writes the cache, and every rank returns the same hard set.
 
 The cache (`HardCaseSet`) records the model it came from (a fingerprint of its files), the
 manifest's hash and the mining parameters, and is reused only when all three match. Mining runs
@@ -30,6 +35,8 @@ from hcm.data.records import manifest_hash
 
 log = logging.getLogger(__name__)
 
+CORRECTNESS = ("metric", "exact")  # which answers mining calls right (module docstring)
+
 
 def model_fingerprint(path: str | Path) -> str:
     """Identify a model folder by its config and the size and head of each weight file.
@@ -51,13 +58,28 @@ def model_fingerprint(path: str | Path) -> str:
     return h.hexdigest()
 
 
+def judge(correct: str):
+    """judge(completion, record) -> bool under the rule `correct` names.
+
+    >>> from types import SimpleNamespace
+    >>> ac = SimpleNamespace(answer="AC")
+    >>> judge("metric")("<answer>A</answer>", ac), judge("exact")("<answer>A</answer>", ac)
+    (True, False)
+    """
+    if correct == "metric":
+        return lambda text, record: is_acceptable(extract_answer(text), record.answer)
+    if correct == "exact":
+        return lambda text, record: extract_answer(text) == record.answer
+    raise ValueError(f"mining.correct must be one of {CORRECTNESS}, got {correct!r}")
+
+
 def mining_params(
     module: Any,
     datamodule: Any,
     k: int,
     pass_threshold: float,
     temperature: float,
-    max_new_tokens: int | None,
+    correct: str,
 ) -> dict[str, Any]:
     """Everything besides the model and the manifest that decides the hard set: the cache key.
 
@@ -71,7 +93,8 @@ def mining_params(
         "pass_threshold": pass_threshold,
         "greedy": k == 1,
         "temperature": temperature if k > 1 else None,
-        "max_new_tokens": max_new_tokens or module.eval_generation["max_new_tokens"],
+        "max_new_tokens": module.eval_generation["max_new_tokens"],
+        "correct": correct,
         "prompt": prompt.name,
         "prompt_sha256": hashlib.sha256(prompt_text.encode()).hexdigest(),
         "image_layout": datamodule.image_layout,
@@ -86,7 +109,7 @@ def mine_hard_cases(
     k: int = 1,
     pass_threshold: float = 1.0,
     temperature: float = 1.0,
-    max_new_tokens: int | None = None,
+    correct: str = "metric",
     batch_size: int | None = None,
 ) -> list[int]:
     """Hard-case indices into the train split, from the cache when it matches, else mined.
@@ -102,7 +125,7 @@ def mine_hard_cases(
     model_path = str(module.model_path)
     fingerprint = model_fingerprint(model_path)
     manifest_sha = manifest_hash(datamodule.manifest(datamodule.train_split))
-    params = mining_params(module, datamodule, k, pass_threshold, temperature, max_new_tokens)
+    params = mining_params(module, datamodule, k, pass_threshold, temperature, correct)
     cache = Path(cache_path) if cache_path else Path(trainer.default_root_dir) / "hard_cases.json"
     if cache.is_file():
         cached = HardCaseSet.load(cache)
@@ -117,13 +140,21 @@ def mine_hard_cases(
     gen_kwargs: dict[str, Any] = {"max_new_tokens": params["max_new_tokens"], "do_sample": k > 1}
     if k > 1:
         gen_kwargs.update(temperature=temperature, num_return_sequences=k)
-    correct = answer_shard(
-        module, datamodule, records, k, gen_kwargs, batch_size or datamodule.eval_batch_size
+    right, truncated = answer_shard(
+        module,
+        datamodule,
+        records,
+        k,
+        gen_kwargs,
+        batch_size or datamodule.eval_batch_size,
+        getattr(datamodule, "is_correct", None) or judge(correct),
     )
     if trainer.world_size > 1:  # each row was answered on exactly one rank: the sum is its verdict
-        correct = trainer.strategy.reduce(correct.to(module.device), reduce_op="sum").cpu()
+        both = torch.stack([right, truncated]).to(module.device)  # (2, N, k)
+        right, truncated = trainer.strategy.reduce(both, reduce_op="sum").cpu()
+    log_truncated(trainer, float(truncated.mean()))
     hard_ids, easy_ids = classify(
-        {ids[i]: [bool(c) for c in correct[i].tolist()] for i in range(len(ids))}, pass_threshold
+        {ids[i]: [bool(c) for c in right[i].tolist()] for i in range(len(ids))}, pass_threshold
     )
     found = HardCaseSet(hard_ids, easy_ids, model_path, fingerprint, manifest_sha, params)
     if trainer.is_global_zero:
@@ -133,6 +164,14 @@ def mine_hard_cases(
     return found.indices(ids)
 
 
+def log_truncated(trainer: Any, fraction: float) -> None:
+    """The fraction of mining's answers cut by the budget: to the log and the run's loggers."""
+    log.info("mining: %.1f%% of the answers ran into max_new_tokens", 100 * fraction)
+    if trainer.is_global_zero:
+        for lg in trainer.loggers:
+            lg.log_metrics({"mining/completion_length/truncated_frac": fraction}, step=0)
+
+
 def answer_shard(
     module: Any,
     datamodule: Any,
@@ -140,20 +179,18 @@ def answer_shard(
     k: int,
     gen_kwargs: dict[str, Any],
     batch_size: int,
-) -> torch.Tensor:
-    """(len(records), k) 1.0 where answer s of case i is right; rows of other ranks stay 0.
+    is_right,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(len(records), k) twice: 1.0 where answer s of case i is right (`is_right(text, record)`),
+    and 1.0 where it was cut by max_new_tokens; rows of other ranks stay 0.
 
     Rank r answers cases r, r + world, ...; a progress bar on rank 0.
     """
     trainer = module.trainer
     rank, world = trainer.global_rank, trainer.world_size
     shard = list(range(rank, len(records), world))
-    correct = torch.zeros(len(records), k)  # (N, k)
-    # A datamodule may judge answers its own way (the public benchmarks' single-answer rule);
-    # the screening default is the section-5.1 metric.
-    judge = getattr(datamodule, "is_correct", None) or (
-        lambda text, record: is_acceptable(extract_answer(text), record.answer)
-    )
+    right = torch.zeros(len(records), k)  # (N, k)
+    truncated = torch.zeros(len(records), k)  # (N, k)
     was_training = module.model.training
     module.model.eval()
     bar = tqdm(range(0, len(shard), batch_size), desc="mining hard cases", disable=rank != 0)
@@ -162,11 +199,13 @@ def answer_shard(
         batch = datamodule.prompt_collate([datamodule.train_dataset[i] for i in rows])
         batch["inputs"] = {key: v.to(module.device) for key, v in batch["inputs"].items()}
         with torch.no_grad():
-            texts = module.answer(batch, **gen_kwargs)  # [c0a0 .. c0a{k-1}, c1a0, ...]
+            out = module.answer(batch, **gen_kwargs)  # [c0a0 .. c0a{k-1}, c1a0, ...]
+        texts = out.texts
         if len(texts) != len(rows) * k:
             raise RuntimeError(f"{len(texts)} answers for {len(rows)} cases x k={k}")
+        truncated[rows] = out.truncated.float().cpu().view(len(rows), k)
         for j, i in enumerate(rows):
             for s in range(k):
-                correct[i, s] = float(judge(texts[j * k + s], records[i]))
+                right[i, s] = float(is_right(texts[j * k + s], records[i]))
     module.model.train(was_training)
-    return correct
+    return right, truncated

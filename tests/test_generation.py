@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from hcm.model.generation import banned_token_ids, generate, truncate_completions
+from hcm.model.generation import banned_token_ids, generate, ran_out, truncate_completions
 from hcm.model.loading import load_model
 
 
@@ -188,3 +188,19 @@ def test_the_checkpoints_generation_config_changes_nothing(
             outs.append(generate(m, prompts, tok, max_new_tokens=24, stop_strings=(), **kwargs))
         assert outs[0].completion_ids.shape[1] == 24  # max_length 5 did not cut them
         assert torch.equal(outs[0].completion_ids, outs[1].completion_ids), kwargs
+
+
+def test_ran_out_is_a_full_length_completion_without_eos_or_stop(tok):
+    eos, pad = tok.eos_token_id, tok.pad_token_id
+    a = tok.encode("A", add_special_tokens=False)
+    stop = tok.encode("</answer>", add_special_tokens=False)
+    assert len(a) == 1 and len(stop) <= 3
+    rows = [
+        a * 4,  # ran out
+        a * 3 + [eos],  # ended by eos at the limit
+        a * (4 - len(stop)) + stop,  # the stop string ends at the limit
+        a * 2 + [eos, pad],  # ended early
+    ]
+    cut, mask, texts = truncate_completions(torch.tensor(rows), tok, ("</answer>",))
+    out = ran_out(cut, mask, texts, eos, max_new_tokens=4, stop_strings=("</answer>",))
+    assert out.tolist() == [True, False, False, False]

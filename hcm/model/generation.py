@@ -51,6 +51,7 @@ class Generation:
     completion_mask: torch.Tensor  # (N, L) long, 1 on generated tokens up to and with eos/stop
     texts: list[str]  # decoded without special tokens, up to the cut
     prompt_length: int  # the padded prompt length P the completions follow
+    truncated: torch.Tensor  # (N,) bool: cut by max_new_tokens (neither eos nor a stop string)
 
 
 def banned_token_ids(tokenizer) -> list[int]:
@@ -211,7 +212,25 @@ def generate(
         model.generation_config = checkpoints
     prompt_length = inputs["input_ids"].shape[1]
     ids, mask, texts = truncate_completions(sequences[:, prompt_length:], tokenizer, stop_strings)
-    return Generation(ids, mask, texts, prompt_length)
+    truncated = ran_out(ids, mask, texts, tokenizer.eos_token_id, max_new_tokens, stop_strings)
+    return Generation(ids, mask, texts, prompt_length, truncated)
+
+
+def ran_out(
+    ids: torch.Tensor,
+    mask: torch.Tensor,
+    texts: Sequence[str],
+    eos: int,
+    max_new_tokens: int,
+    stop_strings: Sequence[str],
+) -> torch.Tensor:
+    """(N,) True where a completion was cut by max_new_tokens: it holds that many tokens and
+    neither ends with eos nor holds a stop string (one that ends exactly there ended it)."""
+    lengths = mask.sum(1)  # (N,)
+    last = ids.gather(1, (lengths - 1).clamp(min=0)[:, None]).squeeze(1)  # (N,)
+    stopped = [any(s in t for s in stop_strings) for t in texts]
+    stopped = torch.tensor(stopped, dtype=torch.bool, device=ids.device)  # (N,)
+    return (lengths >= max_new_tokens) & (last != eos) & ~stopped
 
 
 def _shared_image_inputs(model, inputs: dict, repeats: int) -> dict:

@@ -1,7 +1,9 @@
 """What every stage shares: loading InternVL3, freezing, the optimizer, and scoring by generation.
 
 Validation and test generate an answer for each test prompt (greedy by default) and feed the
-section-5.1 `ScreeningScore`, logged as `val/score/<key>` / `test/score/<key>`.
+section-5.1 `ScreeningScore`, logged as `val/score/<key>` / `test/score/<key>`, beside the
+fraction of answers cut by the completion budget (`val/completion_length/truncated_frac`).
+Under DDP each rank scores its shard of the split and every sample counts once.
 
 Under DDP each rank samples from its own torch stream (`rank_seed`). Every checkpoint also holds
 each rank's RNG states (Lightning saves none), put back just before the first training batch
@@ -16,6 +18,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from torchmetrics import MeanMetric
 
 from hcm.checkpoints import capture_rng, rank_seed, restore_rng
 from hcm.faults import fault_point
@@ -75,6 +78,7 @@ class ScreeningModule(L.LightningModule):
             **(eval_generation or {}),
         }
         self.val_score, self.test_score = ScreeningScore(), ScreeningScore()
+        self.val_truncated, self.test_truncated = MeanMetric(), MeanMetric()
         self.model: Any = None
         self.tokenizer: Any = None
         self._resumed_rng: dict | None = None  # a checkpoint's RNG state, until training resumes
@@ -177,13 +181,14 @@ class ScreeningModule(L.LightningModule):
             self._resumed_rng = None
 
     # -- scoring by generation ---------------------------------------------------------------
-    def answer(self, batch: dict, **overrides) -> list[str]:
-        """Generate one response per prompt of a PromptCollator batch."""
+    def answer(self, batch: dict, **overrides) -> Any:
+        """Generate one response per prompt of a PromptCollator batch: a Generation (texts and
+        which ran into max_new_tokens)."""
         from hcm.model.generation import generate
 
         fault_point("answer")
         kwargs = {**self.eval_generation, **overrides}
-        return generate(self.model, batch["inputs"], self.tokenizer, **kwargs).texts
+        return generate(self.model, batch["inputs"], self.tokenizer, **kwargs)
 
     def setup(self, stage: str) -> None:
         # The datamodule chooses the metric: the public benchmarks score accuracy, not 5.1's.
@@ -192,24 +197,39 @@ class ScreeningModule(L.LightningModule):
         if make is not None:
             self.val_score, self.test_score = make(), make()
 
-    def _score_step(self, batch: dict, metric: ScreeningScore) -> None:
-        completions = self.answer(batch)
-        metric.update(completions, *(batch[k] for k in metric.batch_keys))
+    def _score_step(self, batch: dict, batch_idx: int, metric: Any, truncated: MeanMetric) -> None:
+        out = self.answer(batch)
+        keep = self._unrepeated(batch_idx, len(out.texts))
+        metric.update(out.texts[:keep], *(batch[k][:keep] for k in metric.batch_keys))
+        truncated.update(out.truncated[:keep].float())
 
-    def _log_score(self, metric: ScreeningScore, prefix: str) -> dict[str, float]:
+    def _unrepeated(self, batch_idx: int, n: int) -> int:
+        """How many of this evaluation batch's n rows to score: all but the repeats that pad a
+        rank's shard (hcm.data.datamodule.EvalSampler), so each sample counts once."""
+        loaders = self.trainer.val_dataloaders if self.trainer.validating else None
+        loader = loaders if loaders is not None else self.trainer.test_dataloaders
+        unique = getattr(getattr(loader, "sampler", None), "unique", None)
+        if unique is None:  # a loader of another kind: every row is its own sample
+            return n
+        return max(0, min(n, unique - batch_idx * loader.batch_size))
+
+    def _log_score(self, metric: Any, truncated: MeanMetric, prefix: str) -> dict[str, float]:
         values = {f"{prefix}/score/{k}": v for k, v in metric.compute().items()}
-        self.log_dict(values, sync_dist=False)  # the metric already reduced across ranks
+        # answers cut by max_completion_length: no </answer>, scored wrong
+        values[f"{prefix}/completion_length/truncated_frac"] = truncated.compute()
+        self.log_dict(values, sync_dist=False)  # the metrics already reduced across ranks
         metric.reset()
+        truncated.reset()
         return {k: float(v) for k, v in values.items()}
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        self._score_step(batch, self.val_score)
+        self._score_step(batch, batch_idx, self.val_score, self.val_truncated)
 
     def on_validation_epoch_end(self) -> None:
-        self._log_score(self.val_score, "val")
+        self._log_score(self.val_score, self.val_truncated, "val")
 
     def test_step(self, batch: dict, batch_idx: int) -> None:
-        self._score_step(batch, self.test_score)
+        self._score_step(batch, batch_idx, self.test_score, self.test_truncated)
 
     def on_test_epoch_end(self) -> None:
-        self.test_results = self._log_score(self.test_score, "test")
+        self.test_results = self._log_score(self.test_score, self.test_truncated, "test")
