@@ -203,13 +203,14 @@ def test_resample_redraws_only_zero_variance_groups(compose_cfg, monkeypatch):
     torch.manual_seed(0)
     r = module.rollout(batch)
     assert len(draws) == 2  # the redraw gave group 0 variance: no third draw
-    redo_inputs, (redo_ids, redo_mask, redo_texts) = draws[1]
+    redo_inputs, (redo_ids, redo_mask, redo_texts, redo_truncated) = draws[1]
     assert torch.equal(redo_inputs["input_ids"], batch["inputs"]["input_ids"][[0]])
     tiles0 = module._tiles(batch["inputs"]["input_ids"])[0]
     assert torch.equal(redo_inputs["pixel_values"], batch["inputs"]["pixel_values"][:tiles0])
-    first_ids, _, first_texts = draws[0][1]
+    first_ids, _, first_texts, first_truncated = draws[0][1]
     P, w = batch["inputs"]["input_ids"].shape[1], redo_ids.shape[1]
     assert r.texts == redo_texts + first_texts[G:]
+    assert r.truncated.tolist() == redo_truncated.tolist() + first_truncated[G:].tolist()
     assert torch.equal(r.input_ids[:G, P : P + w], redo_ids)
     assert torch.equal(r.completion_mask[:G, :w], redo_mask)
     assert torch.equal(r.input_ids[G:, P : P + first_ids.shape[1]], first_ids[G:])
