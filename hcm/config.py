@@ -27,6 +27,7 @@ from omegaconf.errors import InterpolationResolutionError, MissingMandatoryValue
 from hcm.data.datasets import SFT_SOURCES
 from hcm.data.sampler import COMPOSITIONS
 from hcm.grpo import ADVANTAGE_SCALES, AGGREGATIONS, RATIO_LEVELS
+from hcm.mining import CORRECTNESS
 from hcm.prompts import LAYOUTS
 from hcm.rewards import REWARDS
 
@@ -163,11 +164,13 @@ RULES: tuple[Rule, ...] = (
     Rule("module.freeze.vision_tower", is_bool, "true or false"),
     Rule("module.freeze.projector", is_bool, "true or false"),
     Rule("module.freeze.language_model", is_bool, "true or false"),
+    Rule("max_completion_length", int_at_least(1), "an integer >= 1"),
     Rule("module.eval_generation.max_new_tokens", int_at_least(1), "an integer >= 1"),
     Rule("generation.max_new_tokens", int_at_least(1), "an integer >= 1"),
     # module: GRPO (eqs. 2-7)
     Rule("module.group_size", int_at_least(2), "an integer >= 2 (G: GRPO needs a group)"),
     Rule("module.beta", num_in(0, INF), "a number >= 0"),
+    Rule("module.kl_clamp", num_in(0, INF, low_open=True), "a number > 0 or null", True),
     Rule("module.clip_eps", num_in(0, 1, True, True), "a number in (0, 1)"),
     Rule("module.clip_eps_high", num_in(0, 1, True, True), "a number in (0, 1) or null", True),
     Rule("module.num_iterations", int_at_least(1), "an integer >= 1 (mu)"),
@@ -187,11 +190,12 @@ RULES: tuple[Rule, ...] = (
     Rule("module.logprob_chunk_size", int_at_least(1), "an integer >= 1"),
     Rule("module.max_grad_norm", num_in(0, INF, True), "a number > 0 or null", nullable=True),
     Rule("module.resample_zero_variance", int_at_least(0), "an integer >= 0"),
+    Rule("module.mask_truncated_completions", is_bool, "true or false"),
     Rule("module.log_completions_every_n_steps", int_at_least(0), "an integer >= 0", True),
     Rule("module.mining.k", int_at_least(1), "an integer >= 1"),
     Rule("module.mining.pass_threshold", num_in(0, 1, low_open=True), "a number in (0, 1]"),
     Rule("module.mining.temperature", num_in(0, INF, low_open=True), "a number > 0"),
-    Rule("module.mining.max_new_tokens", int_at_least(1), "an integer >= 1 or null", True),
+    Rule("module.mining.correct", one_of(CORRECTNESS), f"one of {CORRECTNESS}"),
     Rule("module.mining.batch_size", int_at_least(1), "an integer >= 1 or null", True),
 )
 

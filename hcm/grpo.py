@@ -12,6 +12,7 @@ top of TRL):
 - eqs. 3-5 are applied per token (the paper writes them per sequence): w is a per-token ratio
   unless `level="sequence"` (GSPO), and the KL is the k3 estimator on each sampled token.
 - the upper clip bound may differ from the lower one (DAPO's clip-higher), default equal.
+- the k3 KL may be clamped (`kl_clamp`, ms-swift's guard since v4.1), default off: eq. 4 exactly.
 """
 
 from __future__ import annotations
@@ -22,9 +23,8 @@ ADVANTAGE_SCALES = ("group", "batch", "none")
 RATIO_LEVELS = ("token", "sequence")
 AGGREGATIONS = ("sequence_mean", "token_mean")
 
-# Guards of the k3 KL, the values ms-swift uses (see `policy_loss`'s docstring for why).
+# With `kl_clamp` set, the log-ratio of the k3 KL is also clamped to +/- this (ms-swift >= 4.1).
 KL_LOG_RATIO_BOUND = 20.0
-KL_VALUE_BOUND = 10.0
 
 
 def _grouped(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
@@ -84,6 +84,20 @@ def group_advantages(
     return advantages.reshape(-1)  # (B*G,)
 
 
+def truncation_mask(mask: torch.Tensor, truncated: torch.Tensor) -> torch.Tensor:
+    """The completion mask without the completions cut by the token budget (TRL's
+    `mask_truncated_completions`): (N, T), (N,) bool -> (N, T). Such a row still counts in
+    eq. 3's mean over completions, with loss 0; the group's advantages are computed before.
+
+    >>> truncation_mask(torch.ones(2, 3), torch.tensor([False, True]))
+    tensor([[1., 1., 1.],
+            [0., 0., 0.]])
+    """
+    if truncated.shape != mask.shape[:1]:
+        raise ValueError(f"truncated must be (N,)=({mask.shape[0]},), got {tuple(truncated.shape)}")
+    return mask * ~truncated[:, None].to(torch.bool)
+
+
 def _masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     total = torch.where(mask, x, torch.zeros_like(x)).sum()
     return total / mask.sum().clamp(min=1)
@@ -100,6 +114,7 @@ def policy_loss(
     beta: float = 0.04,
     level: str = "token",
     agg: str = "sequence_mean",
+    kl_clamp: float | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The GRPO loss (minus eq. 3's objective) and detached statistics.
 
@@ -130,15 +145,13 @@ def policy_loss(
     truncation to match, and with top-k 3 / top-p 0.8 the truncated pi_old would make w exceed 1
     for every kept token. The cost is a small bias: the samples come from the truncated policy.
 
-    KL guard: d is clamped to [-KL_LOG_RATIO_BOUND, KL_LOG_RATIO_BOUND] = [-20, 20] and k3 to
-    at most KL_VALUE_BOUND = 10 (k3 >= 0, so only the top matters), as ms-swift, the paper's
-    framework, does. Without the first, exp(d) overflows float32 for d > 88 and one token's inf
-    poisons the whole batch. The second caps one token's KL term at beta * 10 and drops its KL
-    gradient once k3 > 10 (d > ~2.6: pi_theta below pi_ref / 13 on a token just sampled from
-    pi_old ~ pi_theta), where k3's gradient 1 - exp(d) grows exponentially; such tokens are rare
-    outliers (e.g. bf16 round-off of tiny probabilities) and one exploding token would otherwise
-    dominate the clipped global gradient norm. Keeping both guards also keeps parity with the
-    paper's runs. In the normal regime (|d| < 2.6) the loss is TRL's exactly.
+    kl_clamp: None (the default) is eq. 4 exactly, as TRL computes it. A number c clamps d to
+    [-KL_LOG_RATIO_BOUND, KL_LOG_RATIO_BOUND] = [-20, 20] and k3 to at most c (k3 >= 0, so only
+    the top matters), as ms-swift does since v4.1 (2026, after the paper: its runs had no clamp)
+    with c = 10. The clamp drops a token's KL gradient once k3 > c (c = 10: d > ~2.6, pi_theta
+    below pi_ref / 13), exactly where eq. 4 pulls hardest back to pi_ref. Unclamped, exp(d) would
+    overflow float32 only for d > 88, i.e. pi_theta < e^-88 pi_ref on a token pi_theta itself
+    sampled among its top-k; the non-finite guard (hcm/nonfinite.py) skips such a step.
 
     Stats (detached, float): `kl` (masked mean of k3, only when ref_logprobs is given),
     `clip_frac_low` / `clip_frac_high` (fraction of real tokens where clipping removed the
@@ -147,6 +160,8 @@ def policy_loss(
     count tokens (a completion weighs by its length), where TRL counts completions.
     """
     clip_eps_high = clip_eps if clip_eps_high is None else clip_eps_high
+    if kl_clamp is not None and not kl_clamp > 0:
+        raise ValueError(f"kl_clamp must be > 0 or None, got {kl_clamp}")
     _check_loss_args(
         logprobs, old_logprobs, ref_logprobs, advantages, mask, clip_eps, clip_eps_high, beta
     )
@@ -174,8 +189,12 @@ def policy_loss(
     stats: dict[str, torch.Tensor] = {}
     if ref_logprobs is not None:
         ref = torch.where(mask, ref_logprobs.detach().to(logp.dtype), zeros)  # (N, T)
-        d = (ref - logp).clamp(-KL_LOG_RATIO_BOUND, KL_LOG_RATIO_BOUND)  # (N, T)
-        kl = (torch.exp(d) - d - 1).clamp(max=KL_VALUE_BOUND)  # (N, T)
+        d = ref - logp  # (N, T)
+        if kl_clamp is not None:
+            d = d.clamp(-KL_LOG_RATIO_BOUND, KL_LOG_RATIO_BOUND)
+        kl = torch.exp(d) - d - 1  # (N, T) eq. 4
+        if kl_clamp is not None:
+            kl = kl.clamp(max=kl_clamp)
         if beta > 0:
             per_token_loss = per_token_loss + beta * kl
         stats["kl"] = _masked_mean(kl.detach(), mask)

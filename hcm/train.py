@@ -151,6 +151,9 @@ def compose_stages(cfg: DictConfig) -> list[tuple[str, str, DictConfig]]:
         overrides = [f"paths.output_dir={root / name}", f"task_name={cfg.task_name}/{name}"]
         if stage.get("experiment"):
             overrides.insert(0, f"experiment={stage.experiment}")
+        # One completion budget for the whole pipeline (rollouts, mining, validation, eval):
+        # the pipeline's, over a stage experiment's own; a stage's `overrides` may still set it.
+        overrides.append(f"max_completion_length={cfg.max_completion_length}")
         if stage.get("init_from"):
             if stage.init_from not in [n for n, _, _ in composed]:
                 raise ValueError(

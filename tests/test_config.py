@@ -63,6 +63,10 @@ BAD_OVERRIDES = [
     ("model.trust_remote_code=yes", "model.trust_remote_code"),
     ("module.group_size=1", "module.group_size"),
     ("data.switch_epoch=3", "data.switch_epoch"),  # tiny_grpo: trainer.max_epochs=2
+    ("max_completion_length=0", "max_completion_length"),
+    ("module.kl_clamp=0", "module.kl_clamp"),
+    ("module.mask_truncated_completions=1", "module.mask_truncated_completions"),
+    ("module.mining.correct=lenient", "module.mining.correct"),
 ]
 
 
@@ -273,3 +277,28 @@ def test_module_and_datamodule_pass_the_config_flag(tmp_path, monkeypatch, trust
     prompt = {"name": "t", "user": "<image> <image>", "caption": "<image> <image>"}
     ScreeningDataModule(str(tmp_path), "eval", model_cfg, prompt)._builder()
     assert seen == dict.fromkeys(("model", "tokenizer", "image_processor", "config"), bool(trust))
+
+
+def test_one_completion_budget_governs_every_generation_of_a_run(compose_cfg):
+    from hcm.train import compose_stages
+
+    grpo = compose_cfg("train", ["experiment=hcm_2b", "max_completion_length=700"])
+    stages = {name: cfg for name, _, cfg in compose_stages(grpo)}
+    budgets = {
+        name: {
+            "rollouts": OmegaConf.select(cfg, "module.sampling.max_new_tokens"),
+            "validation, mining": OmegaConf.select(cfg, "module.eval_generation.max_new_tokens"),
+            "eval": OmegaConf.select(cfg, "generation.max_new_tokens"),
+        }
+        for name, cfg in stages.items()
+    }
+    assert {v for b in budgets.values() for v in b.values()} - {None} == {700}, budgets
+    assert budgets["grpo"]["rollouts"] == budgets["eval"]["eval"] == 700
+    # the pipeline's own value reaches stages whose experiment sets another (tiny_sft: 48)
+    tiny = compose_cfg("train", ["experiment=tiny_hcm"])
+    assert {OmegaConf.select(c, "max_completion_length") for _, _, c in compose_stages(tiny)} == {
+        24
+    }
+    paper = [compose_cfg("train", ["experiment=hcm_2b"]), compose_cfg("eval", [])]
+    assert {c.max_completion_length for c in paper} == {1024}
+    assert compose_cfg("train", ["experiment=rl_2b"]).module.kl_clamp is None  # eq. 4 exactly

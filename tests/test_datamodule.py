@@ -86,3 +86,14 @@ def test_missing_manifest_says_what_to_put_where(compose_cfg, tmp_path):
     dm = instantiate(cfg.data, _convert_="all")
     with pytest.raises(FileNotFoundError, match="one JSONL manifest per split"):
         dm.setup("fit")
+
+
+@pytest.mark.parametrize(("n", "world"), [(5, 2), (6, 2), (7, 3), (2, 4)])
+def test_eval_sampler_shards_every_sample_once_and_pads_last(n, world):
+    from hcm.data.datamodule import EvalSampler
+
+    shards = [EvalSampler(list(range(n)), rank, world) for rank in range(world)]
+    assert len({len(list(s)) for s in shards}) == 1  # the same number of batches on every rank
+    unique = [list(s)[: s.unique] for s in shards]
+    assert sorted(i for u in unique for i in u) == list(range(n))  # each sample exactly once
+    assert all(u == list(range(rank, n, world)) for rank, u in enumerate(unique))

@@ -183,3 +183,50 @@ def test_fsdp_config_composes_and_builds_its_strategy(compose_cfg):
     ddp = compose_cfg("train", ["experiment=tiny_sft", "trainer=ddp"])
     assert isinstance(instantiate(ddp.trainer.strategy), DDPStrategy)
     assert ddp.trainer.precision == "auto"
+
+
+def run_cli(tmp_path: Path, script: str, name: str, *overrides: str) -> Path:
+    """Run train.py or eval.py in a subprocess with quiet CPU settings; returns its run dir."""
+    run = tmp_path / name
+    env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"}
+    args = [sys.executable, str(REPO / script), f"hydra.run.dir={run}", *overrides]
+    r = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
+    return run
+
+
+def scores(metrics: dict, prefix: str) -> dict[str, float]:
+    """The scoring keys of a metrics dict, without their val/ or test/ prefix."""
+    return {k.split("/", 1)[1]: v for k, v in metrics.items() if k.startswith(prefix + "/")}
+
+
+@pytest.mark.slow
+def test_ddp_evaluation_scores_each_sample_once(tmp_path, hcm_root, recorder):
+    # 5 questions on 2 ranks: one rank's shard is padded with a repeat, which must not count.
+    # Batches of 1 make each answer independent of its batch-mates (no padding differences).
+    quick = [
+        "data.limit_eval=5", "data.eval_batch_size=1", "max_completion_length=4",
+        "model.max_patches=1", "prompt.user='Original <image> Generated <image> Answer:'",
+        "logger=csv",
+    ]  # fmt: skip
+    ddp = ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2"]
+    one = run_cli(tmp_path, "eval.py", "eval1", "experiment=tiny_eval", *quick)
+    two = run_cli(tmp_path, "eval.py", "eval2", "experiment=tiny_eval", *quick, *ddp)
+    expected = scores(json.loads((one / "metrics.json").read_text())["metrics"], "test")
+    assert expected["score/count"] == 5
+    assert "completion_length/truncated_frac" in expected
+    assert scores(json.loads((two / "metrics.json").read_text())["metrics"], "test") == expected
+
+    # validation of an SFT and a GRPO stage under DDP, at lr 0: the model eval.py scored
+    fit = [
+        "module.optimizer.lr=0.0", "trainer.max_epochs=1", "trainer.limit_train_batches=1",
+        "callbacks.progress_bar=null", *quick, *ddp,
+    ]  # fmt: skip
+    stages = {
+        "sft": ["experiment=tiny_sft", "data.batch_size=1"],
+        "grpo": ["experiment=tiny_grpo", "data.composition=all", "module.beta=0"],
+    }
+    for name, stage in stages.items():
+        run = run_cli(tmp_path, "train.py", name, *stage, *fit)
+        metrics = json.loads((run / "stage.json").read_text())["metrics"]
+        assert scores(metrics, "val") == pytest.approx(expected), name

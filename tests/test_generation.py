@@ -1,10 +1,13 @@
 """Sampling from the tiny InternVL3: banned tokens, stop strings, completion order and masks."""
 
+import json
+import shutil
+
 import pytest
 import torch
 from torch import nn
 
-from hcm.model.generation import banned_token_ids, generate, truncate_completions
+from hcm.model.generation import banned_token_ids, generate, ran_out, truncate_completions
 from hcm.model.loading import load_model
 
 
@@ -162,3 +165,42 @@ def test_generate_restores_train_mode_and_needs_left_padding(model, tok, prompts
     right["attention_mask"] = prompts["attention_mask"].flip(1)
     with pytest.raises(ValueError, match="left-padded"):
         generate(model, right, tok, max_new_tokens=2, do_sample=False)
+
+
+def test_the_checkpoints_generation_config_changes_nothing(
+    tiny_path, model, tok, prompts, tmp_path
+):
+    # transformers fills every GenerationConfig field we leave unset from the checkpoint's
+    # generation_config.json; a hub checkpoint's penalties or sampling settings must not reach
+    # rollouts or evaluation (the log-probs would not follow them)
+    hostile = tmp_path / "hostile"
+    shutil.copytree(tiny_path, hostile)
+    settings = {"repetition_penalty": 1.5, "temperature": 0.1, "top_k": 1, "max_length": 5}
+    settings["no_repeat_ngram_size"] = 1
+    (hostile / "generation_config.json").write_text(json.dumps(settings))
+    other = load_model(hostile)
+    assert other.generation_config.repetition_penalty == 1.5
+    rollout = {"do_sample": True, "temperature": 1.0, "top_k": 3, "top_p": 0.8}
+    for kwargs in ({"do_sample": False}, {**rollout, "num_return_sequences": 2}):  # eval, GRPO
+        outs = []
+        for m in (model, other):
+            torch.manual_seed(0)
+            outs.append(generate(m, prompts, tok, max_new_tokens=24, stop_strings=(), **kwargs))
+        assert outs[0].completion_ids.shape[1] == 24  # max_length 5 did not cut them
+        assert torch.equal(outs[0].completion_ids, outs[1].completion_ids), kwargs
+
+
+def test_ran_out_is_a_full_length_completion_without_eos_or_stop(tok):
+    eos, pad = tok.eos_token_id, tok.pad_token_id
+    a = tok.encode("A", add_special_tokens=False)
+    stop = tok.encode("</answer>", add_special_tokens=False)
+    assert len(a) == 1 and len(stop) <= 3
+    rows = [
+        a * 4,  # ran out
+        a * 3 + [eos],  # ended by eos at the limit
+        a * (4 - len(stop)) + stop,  # the stop string ends at the limit
+        a * 2 + [eos, pad],  # ended early
+    ]
+    cut, mask, texts = truncate_completions(torch.tensor(rows), tok, ("</answer>",))
+    out = ran_out(cut, mask, texts, eos, max_new_tokens=4, stop_strings=("</answer>",))
+    assert out.tolist() == [True, False, False, False]

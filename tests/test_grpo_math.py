@@ -196,16 +196,35 @@ def test_policy_loss_ignores_padding_garbage(level, agg):
     assert {k: v.item() for k, v in stats.items()} == {k: v.item() for k, v in clean_stats.items()}
 
 
-def test_policy_loss_kl_is_guarded():
+def test_policy_loss_kl_clamp_guards():
     # d = ref - logp = 100 would overflow exp in float32; k3 is capped at 10 with no gradient
     logp = torch.tensor([[-100.0, -1.0]], requires_grad=True)
     ref = torch.tensor([[0.0, -1.0]])
     adv = torch.zeros(1)
-    loss, stats = policy_loss(logp, logp.detach(), ref, adv, torch.ones(1, 2), beta=1.0)
+    mask = torch.ones(1, 2)
+    loss, stats = policy_loss(logp, logp.detach(), ref, adv, mask, beta=1.0, kl_clamp=10.0)
     loss.backward()
     assert loss.item() == pytest.approx(10 / 2)
     assert stats["kl"].item() == pytest.approx(10 / 2)
     assert torch.equal(logp.grad, torch.zeros(1, 2))
+
+
+@pytest.mark.parametrize("d", [5.0, 30.0, -30.0])
+def test_policy_loss_without_kl_clamp_is_eq_4_exactly(d):
+    # kl_clamp=None (the default): k3 = exp(d) - d - 1 with d = log pi_ref - log pi_theta, and
+    # its gradient in log pi_theta is 1 - exp(d), however far pi_theta is from pi_ref
+    logp = torch.tensor([[-40.0, -1.0]], dtype=torch.float64, requires_grad=True)
+    ref = torch.tensor([[-40.0 + d, -1.0]], dtype=torch.float64)
+    adv = torch.zeros(1, dtype=torch.float64)
+    mask = torch.ones(1, 2)
+    loss, stats = policy_loss(logp, logp.detach(), ref, adv, mask, beta=0.5)
+    loss.backward()
+    k3 = math.exp(d) - d - 1
+    assert loss.item() == pytest.approx(0.5 * k3 / 2, rel=1e-12)
+    assert stats["kl"].item() == pytest.approx(k3 / 2, rel=1e-12)
+    assert logp.grad[0, 0].item() == pytest.approx(0.5 * (1 - math.exp(d)) / 2, rel=1e-12)
+    assert logp.grad[0, 1].item() == 0.0  # d = 0 there: no KL, no gradient
+    assert math.isfinite(loss.item())
 
 
 @pytest.mark.parametrize(
@@ -217,6 +236,7 @@ def test_policy_loss_kl_is_guarded():
         ({"clip_eps": 1.0}, "clip_eps"),
         ({"clip_eps_high": -0.1}, "clip_eps_high"),
         ({"beta": -0.1}, "beta"),
+        ({"kl_clamp": 0.0}, "kl_clamp"),
         ({"ref_logprobs": None, "beta": 0.04}, "ref_logprobs"),
         ({"advantages": torch.zeros(2, 1)}, "advantages"),
         ({"mask": torch.ones(2, 2)}, "mask"),

@@ -4,6 +4,8 @@ DAPO's redraw, checkpoints and what is logged."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -201,13 +203,14 @@ def test_resample_redraws_only_zero_variance_groups(compose_cfg, monkeypatch):
     torch.manual_seed(0)
     r = module.rollout(batch)
     assert len(draws) == 2  # the redraw gave group 0 variance: no third draw
-    redo_inputs, (redo_ids, redo_mask, redo_texts) = draws[1]
+    redo_inputs, (redo_ids, redo_mask, redo_texts, redo_truncated) = draws[1]
     assert torch.equal(redo_inputs["input_ids"], batch["inputs"]["input_ids"][[0]])
     tiles0 = module._tiles(batch["inputs"]["input_ids"])[0]
     assert torch.equal(redo_inputs["pixel_values"], batch["inputs"]["pixel_values"][:tiles0])
-    first_ids, _, first_texts = draws[0][1]
+    first_ids, _, first_texts, first_truncated = draws[0][1]
     P, w = batch["inputs"]["input_ids"].shape[1], redo_ids.shape[1]
     assert r.texts == redo_texts + first_texts[G:]
+    assert r.truncated.tolist() == redo_truncated.tolist() + first_truncated[G:].tolist()
     assert torch.equal(r.input_ids[:G, P : P + w], redo_ids)
     assert torch.equal(r.completion_mask[:G, :w], redo_mask)
     assert torch.equal(r.input_ids[G:, P : P + first_ids.shape[1]], first_ids[G:])
@@ -348,7 +351,7 @@ LOGGED = {
     "train/clip_frac",
     "train/completion_length/mean",
     "train/completion_length/max",
-    "train/completion_length/clipped_frac",
+    "train/completion_length/truncated_frac",
     "train/lr",
     "train/time/rollout",
     "train/time/update",
@@ -437,3 +440,34 @@ def test_fast_paths_keep_the_plain_modules_numbers(compose_cfg):
         want = plain._logprobs(a, r_plain, rows)
         got = fast._logprobs(b, r_fast, rows)
         assert torch.allclose(got[mask], want[mask], atol=1e-5), (got - want).abs().max()
+
+
+def test_mask_truncated_completions_leaves_cut_completions_out_of_the_loss(compose_cfg):
+    # beta 0: a completion with advantage 0 and ratio 1 adds nothing to eq. 3's gradient, so
+    # masking the cut completions must train exactly as zeroing their advantages does
+    overrides = ("module.beta=0", "module.sampling.max_new_tokens=3")
+    _, dm, module = build(compose_cfg, "module.mask_truncated_completions=true", *overrides)
+    module.model.double()
+    backward_without_trainer(module)
+    torch.manual_seed(0)
+    r = module.rollout(first_prompts(dm))
+    cut = r.truncated
+    assert cut.any()
+    lengths = r.completion_mask.sum(1)
+    last = r.input_ids[:, -r.completion_mask.shape[1] :].gather(1, (lengths - 1)[:, None])[:, 0]
+    assert torch.equal(cut, (lengths == 3) & (last != module.tokenizer.eos_token_id))
+    assert r.loss_mask[cut].sum() == 0
+    assert torch.equal(r.loss_mask[~cut], r.completion_mask[~cut])
+    r.advantages = torch.linspace(-1, 1, r.size, dtype=torch.float64)  # a signal on every row
+
+    def gradient(rollout):
+        module.model.zero_grad(set_to_none=True)
+        module.accumulate_gradients(rollout)
+        grads = [p.grad.flatten() for p in module.model.parameters() if p.grad is not None]
+        return torch.cat(grads)
+
+    masked = gradient(r)
+    unmasked = replace(r, loss_mask=r.completion_mask)
+    zeroed = replace(unmasked, advantages=torch.where(cut, 0.0, r.advantages))
+    torch.testing.assert_close(masked, gradient(zeroed), rtol=1e-9, atol=1e-12)
+    assert not torch.allclose(masked, gradient(unmasked))

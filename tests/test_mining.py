@@ -5,6 +5,7 @@ tokens generated while mining with the real tiny model."""
 from __future__ import annotations
 
 from dataclasses import replace
+from types import SimpleNamespace
 
 import lightning as L
 import pytest
@@ -65,11 +66,12 @@ class Answers:
     def __call__(self, batch, **kwargs):
         self.calls.append(kwargs)
         k = kwargs.get("num_return_sequences", 1)
-        return [
+        texts = [
             f"<think>x</think><answer>{a}</answer>" if self.right(self.position[i], s) else wrong(a)
             for i, a in zip(batch["ids"], batch["answers"], strict=True)
             for s in range(k)
         ]
+        return SimpleNamespace(texts=texts, truncated=torch.zeros(len(texts), dtype=torch.bool))
 
 
 def test_wrong_answers_are_the_hard_cases_and_the_cache_is_reused(attached, tmp_path, monkeypatch):
@@ -107,8 +109,8 @@ def test_a_stale_cache_is_mined_again(attached, tmp_path, monkeypatch, change):
         monkeypatch.setattr(mining, "model_fingerprint", lambda path: "0" * 64)
     elif change == "manifest":
         monkeypatch.setattr(mining, "manifest_hash", lambda path: "f" * 64)
-    elif change == "params":
-        kwargs = {"max_new_tokens": 7}
+    elif change == "params":  # the completion budget
+        module.eval_generation["max_new_tokens"] = 7
     else:  # same prompt name, other text
         monkeypatch.setattr(dm, "prompt", replace(dm.prompt, user=dm.prompt.user + " Think."))
     again = Answers(dm, lambda i, s: i != 5)
@@ -219,3 +221,39 @@ def test_mining_writes_predictions_with_hard_and_a_gallery(attached, tmp_path, m
     assert page.count('<article class="row"') == N_TRAIN
     assert f"hard cases: <b id='n-hard'>{len(hard)}</b> of {N_TRAIN}" in page
     assert page.count('data-hard="1"') == len(hard)
+
+
+@pytest.mark.parametrize("correct", ["metric", "exact"])
+def test_naming_part_of_the_answer_is_easy_by_the_metric_and_hard_when_exact(
+    attached, tmp_path, monkeypatch, correct
+):
+    module, dm = attached
+    records = dm.load("train")
+    several = [i for i, r in enumerate(records) if len(r.answer) > 1]  # e.g. "AC"
+    assert several and len(several) < N_TRAIN
+
+    def first_option(batch, **kwargs):  # "A" for "AC", the whole answer otherwise
+        texts = [f"<think>x</think><answer>{a[0]}</answer>" for a in batch["answers"]]
+        return SimpleNamespace(texts=texts, truncated=torch.zeros(len(texts), dtype=torch.bool))
+
+    monkeypatch.setattr(module, "answer", first_option)
+    cache = tmp_path / "hard.json"
+    hard = mine_hard_cases(module, dm, cache_path=str(cache), correct=correct)
+    assert hard == (several if correct == "exact" else [])
+    assert HardCaseSet.load(cache).params["correct"] == correct  # part of the cache key
+
+
+def test_mining_logs_the_fraction_cut_by_the_budget(attached, tmp_path, monkeypatch, caplog):
+    module, dm = attached
+
+    def every_third_cut(batch, **kwargs):
+        texts = [f"<answer>{a}</answer>" for a in batch["answers"]]
+        cut = torch.tensor([position[i] % 3 == 0 for i in batch["ids"]])
+        return SimpleNamespace(texts=texts, truncated=cut)
+
+    position = {r.id: n for n, r in enumerate(dm.load("train"))}
+    monkeypatch.setattr(module, "answer", every_third_cut)
+    expected = 8 / N_TRAIN  # cases 0, 3, ..., 21
+    with caplog.at_level("INFO", logger="hcm.mining"):
+        mine_hard_cases(module, dm, cache_path=str(tmp_path / "h.json"))
+    assert f"mining: {100 * expected:.1f}% of the answers ran into max_new_tokens" in caplog.text

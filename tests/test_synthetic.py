@@ -387,9 +387,9 @@ def test_compact_cot_fits_the_cpu_completion_budget():
     tok = build_tiny_tokenizer()
     data = yaml.safe_load((REPO / "conf/data/synthetic_cpu.yaml").read_text())
     cfg = syn.SyntheticConfig(**data["synthetic"]["generator"])
-    budget = yaml.safe_load((REPO / "conf/experiment/cpu_eval.yaml").read_text())["generation"]
+    budget = yaml.safe_load((REPO / "conf/experiment/cpu_hcm.yaml").read_text())
     cots = [syn.generate_sample(cfg, 0, "x", i).answer_cot for i in range(300)]
-    assert max(len(tok(cot).input_ids) for cot in cots) < budget["max_new_tokens"]
+    assert max(len(tok(cot).input_ids) for cot in cots) < budget["max_completion_length"]
 
 
 def test_text_style_is_checked():

@@ -103,7 +103,8 @@ def run_ours(cfg: DictConfig, model_path: str, prompts: list[dict], steps: int) 
     """`steps` GRPO steps of our module on the prompts; returns the clock of its phases."""
     from hcm.train import resolve_precision
 
-    keys = ["model", "module", "trainer", "paths"]  # resolved apart from hydra's own node
+    # resolved apart from hydra's own node (the module's budgets interpolate the top-level key)
+    keys = ["model", "module", "trainer", "paths", "max_completion_length"]
     cfg = OmegaConf.create(OmegaConf.to_container(OmegaConf.masked_copy(cfg, keys), resolve=True))
     cfg.model.name_or_path, cfg.model.tiny = model_path, None
     cfg.module.model = cfg.model

@@ -60,6 +60,25 @@ class ResumableSampler(DistributedSampler):
         yield from order[self.start :]
 
 
+class EvalSampler(DistributedSampler):
+    """This rank's shard of the evaluation split, in order, every sample on exactly one rank:
+
+        N = 5, 2 ranks:   rank 0: 0 2 4        rank 1: 1 3 (0)
+                          unique = 3           unique = 2; (0) repeats a sample, not scored
+
+    As torch's DistributedSampler, every rank gets ceil(N / world) rows, so that ranks run
+    the same number of batches (a sharded model's forward is collective); the shards it pads
+    with repeats come last, and the module scores only a shard's first `unique` rows
+    (ScreeningModule._unrepeated). As a DistributedSampler, Lightning leaves it in place."""
+
+    def __init__(self, dataset, rank: int, world: int):
+        super().__init__(dataset, num_replicas=world, rank=rank, shuffle=False)
+
+    @property
+    def unique(self) -> int:
+        return len(range(self.rank, len(self.dataset), self.num_replicas))
+
+
 class ScreeningDataModule(L.LightningDataModule):
     def __init__(
         self,
@@ -331,7 +350,9 @@ class ScreeningDataModule(L.LightningDataModule):
         )
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader(self.eval_dataset, self.eval_batch_size, self.prompt_collate)
+        rank, world, _ = self._place()
+        sampler = EvalSampler(self.eval_dataset, rank, world)
+        return self._loader(self.eval_dataset, self.eval_batch_size, self.prompt_collate, sampler)
 
     def test_dataloader(self) -> DataLoader:
         return self.val_dataloader()

@@ -2,9 +2,9 @@
 
 Paper, section 4.2: the Stage 1 (SFT) model answers every training sample; those it gets wrong are
 hard cases, the rest easy cases, and HCM-GRPO oversamples the hard ones after `switch_epoch`
-(see `hcm.data.sampler`). The paper mines with one answer per sample and exact correctness;
-`classify` also accepts k sampled answers per sample and a pass-rate threshold, which reduce to
-the paper's rule at k=1.
+(see `hcm.data.sampler`). The paper mines with one answer per sample (right or wrong by the rule
+`mining.correct` picks, hcm/mining.py); `classify` also accepts k sampled answers per sample and
+a pass-rate threshold, which reduce to the paper's rule at k=1.
 
 Mining runs the model over the whole training set, so its result is cached in a JSON file that
 records what it was mined from (model, weights fingerprint, manifest hash, mining parameters).

@@ -10,6 +10,9 @@ The G completions of a prompt are drawn from G copies of it made here (`repeat_b
 `generate(num_return_sequences=G)`: transformers 5.17 repeats InternVL's `pixel_values` per tile
 instead of per sample, giving the copies of a multi-tile prompt other images (5.23 is right).
 
+Only our arguments (and transformers' global defaults) configure sampling: the checkpoint's
+`generation_config.json` is ignored.
+
 A completion ends at eos (kept: the model learns to stop) or at the end of the first stop string
 (`</answer>`); the tokens after it are padding with completion_mask 0. The stop-string criterion
 is built once per tokenizer and reused: transformers 5.23 rebuilds it on every call (its cache key
@@ -48,6 +51,7 @@ class Generation:
     completion_mask: torch.Tensor  # (N, L) long, 1 on generated tokens up to and with eos/stop
     texts: list[str]  # decoded without special tokens, up to the cut
     prompt_length: int  # the padded prompt length P the completions follow
+    truncated: torch.Tensor  # (N,) bool: cut by max_new_tokens (neither eos nor a stop string)
 
 
 def banned_token_ids(tokenizer) -> list[int]:
@@ -186,6 +190,10 @@ def generate(
         raise ValueError("generate needs a left-padded batch (encode(..., padding_side='left'))")
     was_training = model.training
     model.eval()
+    # transformers fills the fields `config` leaves unset from model.generation_config, i.e. the
+    # checkpoint's generation_config.json (a hub file's repetition_penalty or min_p would change
+    # rollouts, not the log-probs): a blank one leaves only ours and transformers' defaults.
+    checkpoints, model.generation_config = model.generation_config, GenerationConfig()
     try:
         if share_images and "pixel_values" in inputs:
             inputs = _shared_image_inputs(model, inputs, num_return_sequences)
@@ -201,9 +209,28 @@ def generate(
         )  # (N, P + L)
     finally:
         model.train(was_training)
+        model.generation_config = checkpoints
     prompt_length = inputs["input_ids"].shape[1]
     ids, mask, texts = truncate_completions(sequences[:, prompt_length:], tokenizer, stop_strings)
-    return Generation(ids, mask, texts, prompt_length)
+    truncated = ran_out(ids, mask, texts, tokenizer.eos_token_id, max_new_tokens, stop_strings)
+    return Generation(ids, mask, texts, prompt_length, truncated)
+
+
+def ran_out(
+    ids: torch.Tensor,
+    mask: torch.Tensor,
+    texts: Sequence[str],
+    eos: int,
+    max_new_tokens: int,
+    stop_strings: Sequence[str],
+) -> torch.Tensor:
+    """(N,) True where a completion was cut by max_new_tokens: it holds that many tokens and
+    neither ends with eos nor holds a stop string (one that ends exactly there ended it)."""
+    lengths = mask.sum(1)  # (N,)
+    last = ids.gather(1, (lengths - 1).clamp(min=0)[:, None]).squeeze(1)  # (N,)
+    stopped = [any(s in t for s in stop_strings) for t in texts]
+    stopped = torch.tensor(stopped, dtype=torch.bool, device=ids.device)  # (N,)
+    return (lengths >= max_new_tokens) & (last != eos) & ~stopped
 
 
 def _shared_image_inputs(model, inputs: dict, repeats: int) -> dict:

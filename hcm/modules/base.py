@@ -1,7 +1,9 @@
 """What every stage shares: loading InternVL3, freezing, the optimizer, and scoring by generation.
 
 Validation and test generate an answer for each test prompt (greedy by default) and feed the
-section-5.1 `ScreeningScore`, logged as `val/score/<key>` / `test/score/<key>`.
+section-5.1 `ScreeningScore`, logged as `val/score/<key>` / `test/score/<key>`, beside the
+fraction of answers cut by the completion budget (`val/completion_length/truncated_frac`).
+Under DDP each rank scores its shard of the split and every sample counts once.
 
 Under DDP each rank samples from its own torch stream (`rank_seed`). Every checkpoint also holds
 each rank's RNG states (Lightning saves none), put back just before the first training batch
@@ -16,6 +18,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from torchmetrics import MeanMetric
 
 from hcm.checkpoints import capture_rng, rank_seed, restore_rng
 from hcm.faults import fault_point
@@ -76,6 +79,7 @@ class ScreeningModule(L.LightningModule):
             **(eval_generation or {}),
         }
         self.val_score, self.test_score = ScreeningScore(), ScreeningScore()
+        self.val_truncated, self.test_truncated = MeanMetric(), MeanMetric()
         self.model: Any = None
         self.tokenizer: Any = None
         self._resumed_rng: dict | None = None  # a checkpoint's RNG state, until training resumes
@@ -88,13 +92,14 @@ class ScreeningModule(L.LightningModule):
 
         return resolve_name_or_path(self.model_cfg["name_or_path"], self.model_cfg.get("tiny"))
 
-    def load_policy(self) -> Any:
+    def load_policy(self, dtype: str | None = None) -> Any:
+        """The model at `model_path`, its weights in `dtype` (None: `model.dtype`)."""
         from hcm.model.loading import load_model
 
         cfg = self.model_cfg
         return load_model(
             self.model_path,
-            dtype=cfg.get("dtype", "auto"),
+            dtype=dtype or cfg.get("dtype", "auto"),
             attn_implementation=cfg.get("attn_implementation", "auto"),
             gradient_checkpointing=cfg.get("gradient_checkpointing", False),
             trust_remote_code=cfg.get("trust_remote_code", False),
@@ -106,7 +111,12 @@ class ScreeningModule(L.LightningModule):
             return
         from hcm.model.loading import freeze, load_tokenizer
 
-        self.model = self.load_policy().train()  # from_pretrained returns eval mode
+        # A training stage holds the policy in fp32 whatever model.dtype says: AdamW's update
+        # of a bf16 weight rounds away below 2^-9 of it (lr 1e-6 moves ~2% of the weights that
+        # fp32 moves). bf16 autocast (trainer.precision) still computes in bf16. Evaluation
+        # (no freeze config) keeps model.dtype.
+        training = bool(self.freeze_cfg)
+        self.model = self.load_policy("fp32" if training else None).train()
         self.tokenizer = load_tokenizer(
             self.model_path, trust_remote_code=self.model_cfg.get("trust_remote_code", False)
         )
@@ -172,13 +182,14 @@ class ScreeningModule(L.LightningModule):
             self._resumed_rng = None
 
     # -- scoring by generation ---------------------------------------------------------------
-    def answer(self, batch: dict, **overrides) -> list[str]:
-        """Generate one response per prompt of a PromptCollator batch."""
+    def answer(self, batch: dict, **overrides) -> Any:
+        """Generate one response per prompt of a PromptCollator batch: a Generation (texts and
+        which ran into max_new_tokens)."""
         from hcm.model.generation import generate
 
         fault_point("answer")
         kwargs = {**self.eval_generation, **overrides}
-        return generate(self.model, batch["inputs"], self.tokenizer, **kwargs).texts
+        return generate(self.model, batch["inputs"], self.tokenizer, **kwargs)
 
     def setup(self, stage: str) -> None:
         # The datamodule chooses the metric: the public benchmarks score accuracy, not 5.1's.
@@ -187,35 +198,52 @@ class ScreeningModule(L.LightningModule):
         if make is not None:
             self.val_score, self.test_score = make(), make()
 
-    def _score_step(self, batch: dict, metric: ScreeningScore) -> list[str]:
-        completions = self.answer(batch)
-        metric.update(completions, *(batch[k] for k in metric.batch_keys))
-        return completions
+    def _score_step(self, batch: dict, batch_idx: int, metric: Any, truncated: MeanMetric) -> list:
+        """Score this batch's answers; returns the (completion, labels...) rows it scored."""
+        out = self.answer(batch)
+        keep = self._unrepeated(batch_idx, len(out.texts))
+        labels = [batch[k][:keep] for k in metric.batch_keys]
+        metric.update(out.texts[:keep], *labels)
+        truncated.update(out.truncated[:keep].float())
+        return [out.texts[:keep], *labels]
 
-    def _log_score(self, metric: ScreeningScore, prefix: str) -> dict[str, float]:
+    def _unrepeated(self, batch_idx: int, n: int) -> int:
+        """How many of this evaluation batch's n rows to score: all but the repeats that pad a
+        rank's shard (hcm.data.datamodule.EvalSampler), so each sample counts once."""
+        loaders = self.trainer.val_dataloaders if self.trainer.validating else None
+        loader = loaders if loaders is not None else self.trainer.test_dataloaders
+        unique = getattr(getattr(loader, "sampler", None), "unique", None)
+        if unique is None:  # a loader of another kind: every row is its own sample
+            return n
+        return max(0, min(n, unique - batch_idx * loader.batch_size))
+
+    def _log_score(self, metric: Any, truncated: MeanMetric, prefix: str) -> dict[str, float]:
         values = {f"{prefix}/score/{k}": v for k, v in metric.compute().items()}
-        self.log_dict(values, sync_dist=False)  # the metric already reduced across ranks
+        # answers cut by max_completion_length: no </answer>, scored wrong
+        values[f"{prefix}/completion_length/truncated_frac"] = truncated.compute()
+        self.log_dict(values, sync_dist=False)  # the metrics already reduced across ranks
         metric.reset()
+        truncated.reset()
         return {k: float(v) for k, v in values.items()}
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        self._score_step(batch, self.val_score)
+        self._score_step(batch, batch_idx, self.val_score, self.val_truncated)
 
     def on_validation_epoch_end(self) -> None:
-        self._log_score(self.val_score, "val")
+        self._log_score(self.val_score, self.val_truncated, "val")
 
     def on_test_epoch_start(self) -> None:
         self.test_predictions: list[dict] = []
 
     def test_step(self, batch: dict, batch_idx: int) -> None:
-        completions = self._score_step(batch, self.test_score)
+        completions, *labels = self._score_step(
+            batch, batch_idx, self.test_score, self.test_truncated
+        )
         # each response's verdict, judged as the score counts it: the rows of predictions.jsonl
-        labels = (batch[k] for k in self.test_score.batch_keys)
         verdicts = self.test_score.judge(completions, *labels)
-        self.test_predictions += [
-            {"id": i, **v} for i, v in zip(batch["ids"], verdicts, strict=True)
-        ]
+        ids = batch["ids"][: len(completions)]
+        self.test_predictions += [{"id": i, **v} for i, v in zip(ids, verdicts, strict=True)]
 
     def on_test_epoch_end(self) -> None:
-        self.test_results = self._log_score(self.test_score, "test")
+        self.test_results = self._log_score(self.test_score, self.test_truncated, "test")
         self.test_predictions = gather_rows(self.test_predictions, self.trainer.world_size)

@@ -21,7 +21,9 @@ undefined wherever the policy moves mass across the cut-off.
 
 Departures from the paper, each a config knob: `old_logprobs` are the rollout policy's, and with
 mu = 1 they equal the current ones detached (ratio 1, as TRL), saving a forward pass; groups with
-zero reward variance can be redrawn (DAPO's dynamic sampling), off by default. The LR schedule
+zero reward variance can be redrawn (DAPO's dynamic sampling), off by default; completions cut by
+the completion budget can be left out of the loss (TRL's mask_truncated_completions), off by
+default (they keep their reward, 0 without an answer, and their advantage). The LR schedule
 steps once per rollout (per dataloader batch), whatever mu; `global_step` counts optimizer
 steps, mu per rollout.
 """
@@ -37,7 +39,13 @@ from typing import Any
 import torch
 
 from hcm.faults import fault_point
-from hcm.grpo import AGGREGATIONS, group_advantages, policy_loss, zero_variance_groups
+from hcm.grpo import (
+    AGGREGATIONS,
+    group_advantages,
+    policy_loss,
+    truncation_mask,
+    zero_variance_groups,
+)
 from hcm.logprobs import completion_logprobs
 from hcm.modules.base import ScreeningModule, scheduled_steps
 from hcm.rewards import score
@@ -52,6 +60,8 @@ class Rollout:
     input_ids: torch.Tensor  # (B*G, P+L) prompt (left-padded) + completion (right-padded)
     attention_mask: torch.Tensor  # (B*G, P+L)
     completion_mask: torch.Tensor  # (B*G, L)
+    truncated: torch.Tensor  # (B*G,) bool: cut by max_new_tokens (no eos, no </answer>)
+    loss_mask: torch.Tensor  # (B*G, L) completion_mask, less truncated rows when masked
     pixel_values: torch.Tensor  # (tiles of all rows, 3, H, W), each prompt's tiles G times
     tiles: list[int]  # (B*G,) tiles per row, to slice pixel_values by row
     texts: list[str]  # (B*G,)
@@ -111,6 +121,7 @@ class GRPOModule(ScreeningModule):
         eval_generation: dict | None = None,
         group_size: int = 4,
         beta: float = 0.04,
+        kl_clamp: float | None = None,
         clip_eps: float = 0.2,
         clip_eps_high: float | None = None,
         num_iterations: int = 1,
@@ -123,6 +134,7 @@ class GRPOModule(ScreeningModule):
         logprob_chunk_size: int = 1024,
         max_grad_norm: float | None = 1.0,
         resample_zero_variance: int = 0,
+        mask_truncated_completions: bool = False,
         mining: dict | None = None,
         log_completions_every_n_steps: int = 50,
         log_completions_prompts: int = 2,
@@ -132,7 +144,7 @@ class GRPOModule(ScreeningModule):
         if loss_agg not in AGGREGATIONS:
             raise ValueError(f"module.loss_agg must be one of {AGGREGATIONS}, got {loss_agg!r}")
         self.automatic_optimization = False  # mu updates and mini-batches per rollout
-        self.G, self.beta = group_size, beta
+        self.G, self.beta, self.kl_clamp = group_size, beta, kl_clamp
         self.clip_eps, self.clip_eps_high = clip_eps, clip_eps_high
         self.num_iterations = num_iterations
         self.loss_level, self.loss_agg, self.advantage_scale = loss_level, loss_agg, advantage_scale
@@ -147,6 +159,7 @@ class GRPOModule(ScreeningModule):
         self.mini_batch_size = mini_batch_size
         self.logprob_chunk_size, self.max_grad_norm = logprob_chunk_size, max_grad_norm
         self.resample_zero_variance = resample_zero_variance
+        self.mask_truncated_completions = mask_truncated_completions
         self.mining = dict(mining or {})
         # Speed-ups that keep the plain path's numbers (tests/test_fast_paths.py); off by default.
         self.fast = {
@@ -164,8 +177,15 @@ class GRPOModule(ScreeningModule):
         if self.model is not None:
             return
         super().configure_model()
-        if self.beta > 0:  # the frozen reference: the initial checkpoint (eq. 4)
-            self.ref_model = self.load_policy().eval().requires_grad_(False)
+        if self.beta > 0:  # the frozen reference: the initial checkpoint (eq. 4), in model.dtype
+            self.ref_model = self.load_policy(self._reference_dtype()).eval().requires_grad_(False)
+
+    def _reference_dtype(self) -> str | None:
+        """model.dtype, except under FSDP: there the reference is a submodule of the module FSDP
+        wraps, and the root unit flattens the policy's and the reference's leftover weights
+        (embeddings, norms, lm_head) into one tensor, which must have one dtype: the policy's."""
+        strategy = self._trainer.strategy if self._trainer is not None else None
+        return "fp32" if type(strategy).__name__ == "FSDPStrategy" else None
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         super().on_save_checkpoint(checkpoint)
@@ -209,7 +229,9 @@ class GRPOModule(ScreeningModule):
 
         # Mining may sample (k > 1); training draws the same RNG stream whether it mined or found
         # the cache, so the five arms of Table 7 sample alike and a rerun repeats the first run.
-        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+        # Under trainer.precision's autocast, as validation: the fp32 policy decodes in bf16.
+        forked = torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else [])
+        with forked, self.trainer.precision_plugin.forward_context():
             hard = mine_hard_cases(self, dm, **self.mining)
         dm.set_hard_cases(hard)
 
@@ -247,19 +269,23 @@ class GRPOModule(ScreeningModule):
 
         inputs, G = batch["inputs"], self.G  # on self.device: Lightning moved the batch
         answers = [a for a in batch["answers"] for _ in range(G)]  # (B*G,)
-        ids, mask, texts = self._sample(inputs)  # (B*G, L), (B*G, L), (B*G,)
+        ids, mask, texts, truncated = self._sample(inputs)  # (B*G, L), (B*G, L), (B*G,), (B*G,)
         rewards, per_reward = score(texts, answers, self.reward_weights)  # (B*G,) on the CPU
         zero_variance_sampled = zero_variance_groups(rewards, G).float().mean().item()
         for _ in range(self.resample_zero_variance):
             flat = zero_variance_groups(rewards, G).nonzero().squeeze(1).tolist()  # prompts
             if not flat:
                 break
-            ids, mask = self._redraw(inputs, flat, ids, mask, texts, answers, rewards, per_reward)
+            ids, mask = self._redraw(
+                inputs, flat, ids, mask, texts, truncated, answers, rewards, per_reward
+            )
         prompts = repeat_batch(inputs, G, *self._image_spec())  # each prompt G times
         rollout = Rollout(
             input_ids=torch.cat([prompts["input_ids"], ids], 1),  # (B*G, P+L)
             attention_mask=torch.cat([prompts["attention_mask"], mask], 1),  # (B*G, P+L)
             completion_mask=mask,
+            truncated=truncated,
+            loss_mask=truncation_mask(mask, truncated) if self.mask_truncated_completions else mask,
             pixel_values=prompts["pixel_values"],
             tiles=self._tiles(prompts["input_ids"]),
             texts=texts,
@@ -286,7 +312,7 @@ class GRPOModule(ScreeningModule):
         Each mini-batch's loss is weighted by its share of the full batch (`loss_share`), so the
         accumulated gradient is the full batch's whatever `mini_batch_size`.
         """
-        n_tokens = int(rollout.completion_mask.sum())
+        n_tokens = int(rollout.loss_mask.sum())
         totals: dict[str, torch.Tensor] = {}
         chunks = minibatches(rollout.size, self.mini_batch_size)
         for i, rows in enumerate(chunks):
@@ -306,7 +332,7 @@ class GRPOModule(ScreeningModule):
 
     def _backward(self, rollout: Rollout, rows: list[int], n_tokens: int) -> dict:
         """Backward of one mini-batch's weighted loss; its weighted statistics (tensors)."""
-        mask = rollout.completion_mask[rows]  # (n, L)
+        mask = rollout.loss_mask[rows]  # (n, L)
         logprobs = self._logprobs(self.model, rollout, rows)  # (n, L), with grad
         old = logprobs.detach() if rollout.old_logprobs is None else rollout.old_logprobs[rows]
         ref = None if rollout.ref_logprobs is None else rollout.ref_logprobs[rows]
@@ -321,6 +347,7 @@ class GRPOModule(ScreeningModule):
             beta=self.beta,
             level=self.loss_level,
             agg=self.loss_agg,
+            kl_clamp=self.kl_clamp,
         )
         share = loss_share(mask, rollout.size, n_tokens, self.loss_agg)
         self.manual_backward(loss * share)
@@ -330,7 +357,7 @@ class GRPOModule(ScreeningModule):
         weighted |= {k: v.detach() * token_share for k, v in stats.items()}
         return weighted
 
-    def _sample(self, inputs: dict) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    def _sample(self, inputs: dict) -> tuple[torch.Tensor, torch.Tensor, list[str], torch.Tensor]:
         """G completions per prompt (generate masks InternVL's image and chat tokens)."""
         from hcm.model.generation import generate
 
@@ -350,7 +377,7 @@ class GRPOModule(ScreeningModule):
             compile=self.fast["compile"],
             share_images=self.fast["share_images"],
         )
-        return gen.completion_ids, gen.completion_mask, list(gen.texts)
+        return gen.completion_ids, gen.completion_mask, list(gen.texts), gen.truncated
 
     def _redraw(
         self,
@@ -359,17 +386,21 @@ class GRPOModule(ScreeningModule):
         ids: torch.Tensor,
         mask: torch.Tensor,
         texts: list[str],
+        truncated: torch.Tensor,
         answers: list[str],
         rewards: torch.Tensor,
         per_reward: dict[str, torch.Tensor],
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """DAPO's dynamic sampling: draw the groups of `prompts` again, in place.
 
-        Replaces their rows in `texts`, `rewards` and `per_reward`; returns the new ids and mask
+        Replaces their rows in `texts`, `truncated`, `rewards` and `per_reward`; returns the new
+        ids and mask
         (widened when a redrawn completion is longer than every earlier one).
         """
         G, n = self.G, ids.shape[0]
-        new_ids, new_mask, new_texts = self._sample(self._select_prompts(inputs, prompts))
+        new_ids, new_mask, new_texts, new_truncated = self._sample(
+            self._select_prompts(inputs, prompts)
+        )
         rows = [p * G + g for p in prompts for g in range(G)]  # their rows in the rollout
         new_rewards, new_parts = score(new_texts, [answers[r] for r in rows], self.reward_weights)
         both_ids = pad_right([ids, new_ids], self.tokenizer.pad_token_id)  # (n + len(rows), L')
@@ -378,6 +409,7 @@ class GRPOModule(ScreeningModule):
         ids[rows], mask[rows] = both_ids[n:], both_mask[n:]
         for j, r in enumerate(rows):
             texts[r] = new_texts[j]
+        truncated[rows] = new_truncated
         rewards[rows] = new_rewards
         for name in per_reward:
             per_reward[name][rows] = new_parts[name]
@@ -430,13 +462,6 @@ class GRPOModule(ScreeningModule):
         t_update: float,
     ) -> None:
         lengths = rollout.completion_mask.sum(1).float()  # (B*G,)
-        ids = rollout.input_ids[:, -rollout.completion_mask.shape[1] :]  # (B*G, L)
-        last = ids.gather(1, (lengths.long() - 1).clamp(min=0)[:, None]).squeeze(1)  # (B*G,)
-        # clipped: cut by max_new_tokens, not ended by eos (a stop string ending exactly at the
-        # limit also counts)
-        clipped = (lengths >= self.sampling["max_new_tokens"]) & (
-            last != self.tokenizer.eos_token_id
-        )
         values = {
             "train/loss": stats["loss"],
             "train/reward/total": rollout.rewards.mean(),
@@ -447,7 +472,7 @@ class GRPOModule(ScreeningModule):
             .mean(),
             "train/completion_length/mean": lengths.mean(),
             "train/completion_length/max": lengths.max(),
-            "train/completion_length/clipped_frac": clipped.float().mean(),
+            "train/completion_length/truncated_frac": rollout.truncated.float().mean(),
             "train/lr": lr,
             "train/time/rollout": t_rollout,
             "train/time/update": t_update,
