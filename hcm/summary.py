@@ -95,7 +95,10 @@ def summarize(scores: list[StageScore]) -> dict[str, Any]:
     final = scores[-1].metrics if scores else {}
     summary: dict[str, Any] = {
         "random_baseline": final.get("random_baseline"),
-        "random_baseline_dimensions": {d: final.get(f"random_baseline/{d}") for d in DIMENSIONS},
+        "random_baseline_dimensions": {
+            d: final.get(f"random_baseline/{d}") if final.get(f"count/{d}") != 0 else None
+            for d in DIMENSIONS
+        },
         "stages": {},
     }
     for i, s in enumerate(scores):
@@ -103,6 +106,9 @@ def summarize(scores: list[StageScore]) -> dict[str, Any]:
         lo, hi = wilson_interval(correct(s), n)
         row: dict[str, Any] = {"kind": s.kind, "split": s.split, "model": s.model}
         row.update({k: s.metrics.get(k) for k in SCORES})
+        for d in DIMENSIONS:  # a dimension no held-out sample has gets no score, not 0
+            if s.metrics.get(f"count/{d}") == 0:
+                row[d] = None
         row["count"] = int(n)
         row["overall_ci"] = [100 * lo, 100 * hi]
         prev = previous(scores, i)

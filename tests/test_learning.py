@@ -19,10 +19,11 @@ from hcm.train import train
 # Sizes of the reduced run; the full one is README's main job (experiment=cpu_hcm).
 REDUCED = [
     "experiment=cpu_hcm",
-    "data.synthetic.sizes.train=512",
+    "data.synthetic.sizes.train=1024",
     "data.synthetic.sizes.test=256",
-    "pipeline.sft.overrides=[trainer.max_epochs=2]",
-    "pipeline.grpo.overrides=[trainer.max_epochs=3,data.switch_epoch=2,trainer.limit_train_batches=8]",
+    "pipeline.sft.overrides=['trainer.max_epochs=4']",
+    "pipeline.grpo.overrides=['trainer.max_epochs=3','data.switch_epoch=2',"
+    "'trainer.limit_train_batches=8']",
 ]
 
 
@@ -48,10 +49,12 @@ def test_sft_then_hcm_grpo_learn_to_screen(compose_cfg):
     assert sft["test/score/count"] == grpo["test/score/count"] == 256
     random = sft["test/score/random_baseline"]
     assert sft["test/score/valid_rate"] > 95, sft
-    assert sft["test/score/overall"] >= random + 15, (sft["test/score/overall"], random)
+    assert sft["test/score/overall"] >= random + 10, (sft["test/score/overall"], random)
 
+    # epochs 0 and 1 draw from all of the train split, epoch 2 adds the hard cases (harder by
+    # construction): the reward is compared on the same distribution
     rewards = reward_per_epoch(stages / "grpo")
     assert len(rewards) == 3
-    assert rewards[-1] > rewards[0] + 0.02, rewards
-    # ~ the binomial 95% half-width of a score near 80 on 256 samples
-    assert grpo["test/score/overall"] >= sft["test/score/overall"] - 5, (grpo, sft)
+    assert rewards[1] > rewards[0] + 0.03, rewards
+    # greedy evaluation is deterministic: a GRPO that learned nothing would score as SFT does
+    assert grpo["test/score/overall"] >= sft["test/score/overall"] - 2, (grpo, sft)

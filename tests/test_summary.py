@@ -151,3 +151,19 @@ def test_table_without_earlier_stage_has_no_delta():
     assert last == "| eval | test of m | 0.00 [0.00, 19.36] | 16 | 0.00 | 0.00 | 0.00 | " + (
         "0.00 | 0.00 | 0.00 | 0.00 | - |"
     )
+
+
+def test_a_dimension_without_samples_gets_no_score(tmp_path):
+    """The CPU setting has no appearance defects: that column says n/a, not a score of 0."""
+    run = tmp_path / "run"
+    absent, present = DIMENSIONS[0], DIMENSIONS[1:]
+    metrics = scores("test/score/", 70.0) | {f"test/score/{absent}": 0.0}
+    metrics |= {f"test/score/count/{absent}": 0.0}
+    metrics |= {f"test/score/count/{d}": 40.0 for d in present}
+    eval_stage(run, "eval", run / "model", metrics)
+    summary = write_summary(run, ["eval"])
+    assert summary["stages"]["eval"][absent] is None
+    assert summary["random_baseline_dimensions"][absent] is None
+    assert all(summary["stages"]["eval"][d] is not None for d in present)
+    random_row = to_markdown(summary).splitlines()[2].split(" | ")
+    assert random_row[7] == "n/a" and random_row[8] == "31.00"
