@@ -1,8 +1,9 @@
 """The method learns the screening task itself, not a toy reward: a reduced `experiment=cpu_hcm`
 from the committed base model (models/cpu_base). SFT must lift the held-out section-5.1 score well
-above the random baseline, and HCM-GRPO on top must raise its rollout DPA reward without losing
-held-out score. Each check was seen to fail with the advantage's sign flipped, the DPA reward
-broken, the completion mask dropped, or the policy loss's sign flipped (docs/results/cpu_hcm.md).
+above the random baseline, and HCM-GRPO on top must raise its rollout DPA reward and the held-out
+score. The test was seen to fail with the advantage's sign flipped, the DPA reward judged against
+another prompt's label, the loss's completion mask replaced by all ones (padding in the loss), and
+the policy loss's sign flipped.
 """
 
 from __future__ import annotations
@@ -56,5 +57,6 @@ def test_sft_then_hcm_grpo_learn_to_screen(compose_cfg):
     rewards = reward_per_epoch(stages / "grpo")
     assert len(rewards) == 3
     assert rewards[1] > rewards[0] + 0.03, rewards
-    # greedy evaluation is deterministic: a GRPO that learned nothing would score as SFT does
-    assert grpo["test/score/overall"] >= sft["test/score/overall"] - 2, (grpo, sft)
+    # and it raises the held-out score (seen: +13.3 points on these 256 samples, whose 95%
+    # interval for a difference is about +/-8); greedy evaluation is deterministic
+    assert grpo["test/score/overall"] >= sft["test/score/overall"] + 5, (grpo, sft)
