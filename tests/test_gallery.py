@@ -5,6 +5,7 @@ table, a tiny evaluation's predictions, and the page in a real headless browser.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import hashlib
 import html
 import io
@@ -300,10 +301,12 @@ def test_tiny_eval_writes_predictions_gallery_and_wandb_table(compose_cfg, monke
     real, given = ScreeningModule.answer, []
 
     def answer(self, batch, **kw):
-        texts = real(self, batch, **kw)
-        texts = [t if i % 2 else "<think>x</think><answer>A</answer>" for i, t in enumerate(texts)]
+        out = real(self, batch, **kw)
+        texts = [
+            t if i % 2 else "<think>x</think><answer>A</answer>" for i, t in enumerate(out.texts)
+        ]
         given.extend(texts)
-        return texts
+        return dataclasses.replace(out, texts=texts)
 
     monkeypatch.setattr(ScreeningModule, "answer", answer)
     cfg = compose_cfg("eval", ["experiment=tiny_eval", "logger=wandb"])

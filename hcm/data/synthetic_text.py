@@ -10,7 +10,7 @@ naming each candidate's real defects, or that it is consistent and physically pl
 CoT is the same text made from a weak annotator's claims (`meta["weak"]["claims"]`).
 
 The `compact` style is for models that must learn in minutes on a CPU (the full CoT runs to ~140
-tokens of the tiny tokenizer, the compact one ~35). Its caption states in a few words what each
+tokens of the tiny tokenizer, the compact one ~50). Its caption states in a few words what each
 candidate shows of placement, shadow and extra items, without verdicts, and its CoT is those
 observations (plus what changed against the original), a verdict per candidate, and the answer:
 
