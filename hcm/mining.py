@@ -72,8 +72,6 @@ def is_right(verdict: dict[str, Any], correct: str) -> bool:
     >>> is_right(part, "metric"), is_right(part, "exact"), is_right({"correct": True}, "exact")
     (True, False, True)
     """
-    if correct not in CORRECTNESS:
-        raise ValueError(f"mining.correct must be one of {CORRECTNESS}, got {correct!r}")
     if correct == "exact" and "dpa" in verdict:
         return bool(verdict["correct"]) and verdict["dpa"] == 1.0
     return bool(verdict["correct"])
@@ -125,6 +123,8 @@ def mine_hard_cases(
     """
     if k < 1:
         raise ValueError(f"mining.k must be >= 1, got {k}")
+    if correct not in CORRECTNESS:
+        raise ValueError(f"mining.correct must be one of {CORRECTNESS}, got {correct!r}")
     trainer = module.trainer
     records = datamodule.load(datamodule.train_split)
     ids = [r.id for r in records]
