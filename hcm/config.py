@@ -191,6 +191,7 @@ RULES: tuple[Rule, ...] = (
     Rule("module.max_grad_norm", num_in(0, INF, True), "a number > 0 or null", nullable=True),
     Rule("module.resample_zero_variance", int_at_least(0), "an integer >= 0"),
     Rule("module.mask_truncated_completions", is_bool, "true or false"),
+    Rule("module.stop_at_switch", is_bool, "true or false"),
     Rule("module.log_completions_every_n_steps", int_at_least(0), "an integer >= 0", True),
     Rule("module.mining.k", int_at_least(1), "an integer >= 1"),
     Rule("module.mining.pass_threshold", num_in(0, 1, low_open=True), "a number in (0, 1]"),
@@ -230,6 +231,11 @@ def _check_schedule(cfg: DictConfig) -> None:
     if switch > epochs:
         raise ConfigError(
             f"config key 'data.switch_epoch' = {switch} is past 'trainer.max_epochs' = {epochs}"
+        )
+    if _value(cfg, "module.stop_at_switch") is True and switch < 1:
+        raise ConfigError(
+            "config key 'module.stop_at_switch' = True needs 'data.switch_epoch' >= 1 "
+            f"(got {switch}): a shared first stage trains the epochs before the switch"
         )
     if switch == epochs and composition not in (_ABSENT, "all"):
         # hard-case mining (a generation pass over the train split) would be wasted

@@ -139,6 +139,7 @@ class GRPOModule(ScreeningModule):
         log_completions_every_n_steps: int = 50,
         log_completions_prompts: int = 2,
         fast: dict | None = None,
+        stop_at_switch: bool = False,
     ):
         super().__init__(model, freeze, optimizer, scheduler, eval_generation)
         if loss_agg not in AGGREGATIONS:
@@ -171,6 +172,7 @@ class GRPOModule(ScreeningModule):
         }
         self.log_completions_every_n_steps = log_completions_every_n_steps
         self.log_completions_prompts = log_completions_prompts
+        self.stop_at_switch = stop_at_switch
         self.ref_model: Any = None
 
     def configure_model(self) -> None:
@@ -223,7 +225,10 @@ class GRPOModule(ScreeningModule):
     def on_fit_start(self) -> None:
         super().on_fit_start()
         dm = self.trainer.datamodule
-        if dm.composition == "all" or dm.hard_indices_known:
+        # A shared first stage (stop_at_switch) mines for the stages that continue from its
+        # checkpoint: they restore the hard set with it, mined by the initial policy.
+        needed = dm.composition != "all" or self.stop_at_switch
+        if not needed or dm.hard_indices_known:
             return
         from hcm.mining import mine_hard_cases
 
@@ -234,6 +239,12 @@ class GRPOModule(ScreeningModule):
         with forked, self.trainer.precision_plugin.forward_context():
             hard = mine_hard_cases(self, dm, **self.mining)
         dm.set_hard_cases(hard)
+
+    def on_train_epoch_end(self) -> None:
+        # Table 7's shared first stage ends at the switch; its last.ckpt (written at this epoch's
+        # end, before this hook) is where each composition arm continues.
+        if self.stop_at_switch and self.current_epoch + 1 >= self.trainer.datamodule.switch_epoch:
+            self.trainer.should_stop = True
 
     # -- the GRPO step ---------------------------------------------------------------------------
     def training_step(self, batch: dict, batch_idx: int) -> None:
