@@ -21,7 +21,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from hcm import stages
-from hcm.config import validate
+from hcm.config import ConfigError, validate
 from hcm.console import banner
 from hcm.summary import write_summary
 
@@ -93,7 +93,8 @@ def run_stage(cfg: DictConfig) -> dict[str, Any]:
         log.info("stage in %s already finished; skipping", output_dir)
         return done.get("metrics", {})
     resolve_precision(cfg)
-    ckpt_path = stages.last_checkpoint(cfg, output_dir)  # checked before anything loads
+    # checked before anything loads: this stage's own checkpoint, else where it continues from
+    ckpt_path = stages.last_checkpoint(cfg, output_dir) or stages.start_checkpoint(cfg)
     if ckpt_path:
         log.info("resuming from %s", ckpt_path)
     L.seed_everything(cfg.seed, workers=True)
@@ -118,6 +119,8 @@ def run_stage(cfg: DictConfig) -> dict[str, Any]:
                 cfg,
                 kind=cfg.job_type,
                 init_model=str(cfg.model.name_or_path),
+                init_ckpt=cfg.get("init_ckpt"),
+                hard_cases=stages.hard_set_digest(getattr(datamodule, "hard_indices", None)),
                 model_dir=str(model_dir),
                 manifest_hashes=datamodule.manifest_hashes(),
                 metrics=metrics,
@@ -128,7 +131,13 @@ def run_stage(cfg: DictConfig) -> dict[str, Any]:
 
 
 def compose_stages(cfg: DictConfig) -> list[tuple[str, str, DictConfig]]:
-    """(name, kind, config) of each pipeline stage, composed as its own experiment."""
+    """(name, kind, config) of each pipeline stage, composed as its own experiment.
+
+    Each stage's folder is `<stage_store>/<name>-<hash of what it computes>` (`stages.identity`),
+    so the jobs of a sweep that share a stage (the SFT model of every Table 6 row, the first
+    switch_epoch epochs of Table 7's arms) share its folder, and `<output_dir>/stages/<name>`
+    links to it. With `paths.stage_store: null` every job trains its stages in its own folder.
+    """
     from hydra import compose
     from hydra.core.hydra_config import HydraConfig
 
@@ -144,31 +153,51 @@ def compose_stages(cfg: DictConfig) -> list[tuple[str, str, DictConfig]]:
     )
     user_overrides = [o for o in HydraConfig.get().overrides.task if not o.startswith(own)]
     root = Path(cfg.paths.output_dir) / "stages"
-    composed = []
+    store = cfg.paths.get("stage_store")
+    composed: list[tuple[str, str, DictConfig]] = []
+    inits: dict[str, list[str]] = {}  # stage -> the overrides that set its initial model
     for name, stage in cfg.pipeline.items():
         if stage is None:  # an experiment may drop an inherited stage with `name: null`
             continue
+        folders = {n: Path(c.paths.output_dir) for n, _, c in composed}
         overrides = [f"paths.output_dir={root / name}", f"task_name={cfg.task_name}/{name}"]
         if stage.get("experiment"):
             overrides.insert(0, f"experiment={stage.experiment}")
         # One completion budget for the whole pipeline (rollouts, mining, validation, eval):
         # the pipeline's, over a stage experiment's own; a stage's `overrides` may still set it.
         overrides.append(f"max_completion_length={cfg.max_completion_length}")
-        if stage.get("init_from"):
-            if stage.init_from not in [n for n, _, _ in composed]:
-                raise ValueError(
-                    f"stage {name!r}: init_from {stage.init_from!r} is no earlier stage"
-                )
+        inits[name] = []
+        for key in ("init_from", "continue_from"):
+            if stage.get(key) and stage[key] not in folders:
+                raise ValueError(f"stage {name!r}: {key} {stage[key]!r} is no earlier stage")
+        if stage.get("continue_from"):
+            # the stage it continues: the same initial model (the KL reference and the miner),
+            # and its trainer state at the end (weights, optimizer, schedule, data order, RNG)
+            inits[name] = inits[stage.continue_from]
+            overrides.append(f"init_ckpt={folders[stage.continue_from] / 'checkpoints/last.ckpt'}")
+        elif stage.get("init_from"):
             # an exported model: load it as is (never build the tiny model there)
-            overrides += [
-                f"model.name_or_path={root / stage.init_from / 'model'}",
-                "model.tiny=null",
-            ]
-        overrides += [*stage.get("overrides", []), *user_overrides]
+            model = folders[stage.init_from] / "model"
+            inits[name] = [f"model.name_or_path={model}", "model.tiny=null"]
+        overrides += [*inits[name], *stage.get("overrides", []), *user_overrides]
+        overrides += stage.get("fixed", [])  # the stage's own, over the command line's
         kind = stage.get("kind", "train")
         stage_cfg = compose(config_name="eval" if kind == "eval" else "train", overrides=overrides)
         with open_dict(stage_cfg):
             stage_cfg.pipeline = {}
+        if stage.get("continue_from"):
+            first = next(c for n, _, c in composed if n == stage.continue_from)
+            changed = stages.continuation_changes(first, stage_cfg)
+            if changed:
+                raise ConfigError(
+                    f"stage {name!r} continues {stage.continue_from!r} but differs from it in "
+                    f"{', '.join(changed)}: only {', '.join(stages.CONTINUATION_MAY_CHANGE)} may"
+                )
+        with open_dict(stage_cfg):
+            if store:
+                folder = Path(store) / f"{name}-{stages.config_hash(stage_cfg)}"
+                stage_cfg.paths.output_dir = str(folder)
+                stages.link(root / name, folder)
         log.debug("pipeline stage %s (%s): %s", name, kind, " ".join(overrides))
         composed.append((name, kind, stage_cfg))
     return composed
@@ -176,18 +205,34 @@ def compose_stages(cfg: DictConfig) -> list[tuple[str, str, DictConfig]]:
 
 def run_pipeline(cfg: DictConfig) -> dict[str, Any]:
     """Run `cfg.pipeline`'s stages in order, after checking every stage's config up front:
-    a bad override of the last stage fails before the first one trains."""
-    from hcm.evaluate import evaluate
-
+    a bad override of the last stage fails before the first one trains. A stage another job is
+    running (a shared folder) is waited for, then read."""
     composed = compose_stages(cfg)
     for _, _, stage_cfg in composed:
         validate(stage_cfg)
     metrics: dict[str, Any] = {}
     for i, (name, kind, stage_cfg) in enumerate(composed, start=1):
         stage_banner(f"stage {i}/{len(composed)}: {name} ({stage_cfg.job_type})", stage_cfg)
-        metrics = evaluate(stage_cfg) if kind == "eval" else run_stage(stage_cfg)
+        run = run_eval_stage if kind == "eval" else run_stage
+        with stages.claim(Path(stage_cfg.paths.output_dir)):
+            metrics = run(stage_cfg)
     if rank_zero_only.rank == 0:  # DDP: every rank runs the pipeline
         write_summary(Path(cfg.paths.output_dir), [name for name, _, _ in composed])
+    return metrics
+
+
+def run_eval_stage(cfg: DictConfig) -> dict[str, Any]:
+    """A pipeline's evaluation, skipped when its folder holds this config's results."""
+    from hcm.evaluate import evaluate
+
+    output_dir = Path(cfg.paths.output_dir)
+    done = stages.finished(output_dir, cfg)
+    if done is not None:
+        log.info("evaluation in %s already done; skipping", output_dir)
+        return done.get("metrics", {})
+    metrics = evaluate(cfg)
+    if rank_zero_only.rank == 0:
+        stages.write_marker(output_dir, cfg, kind="eval", metrics=metrics)
     return metrics
 
 
