@@ -113,7 +113,7 @@ def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def finished(output_dir: Path, cfg: DictConfig) -> dict[str, Any] | None:
+def finished(output_dir: Path, key: str) -> dict[str, Any] | None:
     """The marker of a finished stage with this config, None if unfinished; error if another."""
     marker = Path(output_dir) / MARKER
     if not marker.is_file():
@@ -122,10 +122,10 @@ def finished(output_dir: Path, cfg: DictConfig) -> dict[str, Any] | None:
         done = json.loads(marker.read_text())
     except json.JSONDecodeError as e:
         raise RuntimeError(f"{marker} is corrupt ({e}); delete it to rerun the stage") from None
-    if done.get("config_hash") != config_hash(cfg):
+    if done.get("config_hash") != key:
         raise ConfigError(
             f"{output_dir} holds a finished stage trained with another config "
-            f"(hash {done.get('config_hash')} != {config_hash(cfg)}); choose another task_name "
+            f"(hash {done.get('config_hash')} != {key}); choose another task_name "
             f"or remove that folder"
         )
     return done
@@ -244,9 +244,11 @@ def export_model(model, tokenizer, image_processor, output_dir: Path) -> Path:
     return target
 
 
-def write_marker(output_dir: Path, cfg: DictConfig, **info: Any) -> dict[str, Any]:
+def write_marker(output_dir: Path, cfg: DictConfig, key: str, **info: Any) -> dict[str, Any]:
+    """stage.json: `key` is the config's hash taken before the stage ran (running resolves some
+    values, e.g. trainer.precision=auto), so that a rerun's `finished` check matches it."""
     done = {
-        "config_hash": config_hash(cfg),
+        "config_hash": key,
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "config": {
             k: OmegaConf.to_container(v, resolve=True) if OmegaConf.is_config(v) else v

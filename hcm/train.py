@@ -88,7 +88,8 @@ def run_stage(cfg: DictConfig) -> dict[str, Any]:
     """Fit one SFT or GRPO stage and export its model; skipped when already finished."""
     validate(cfg)
     output_dir = Path(cfg.paths.output_dir)
-    done = stages.finished(output_dir, cfg)
+    key = stages.config_hash(cfg)  # before anything resolves values in cfg
+    done = stages.finished(output_dir, key)
     if done is not None:
         log.info("stage in %s already finished; skipping", output_dir)
         return done.get("metrics", {})
@@ -117,6 +118,7 @@ def run_stage(cfg: DictConfig) -> dict[str, Any]:
             stages.write_marker(
                 output_dir,
                 cfg,
+                key,
                 kind=cfg.job_type,
                 init_model=str(cfg.model.name_or_path),
                 init_ckpt=cfg.get("init_ckpt"),
@@ -226,13 +228,14 @@ def run_eval_stage(cfg: DictConfig) -> dict[str, Any]:
     from hcm.evaluate import evaluate
 
     output_dir = Path(cfg.paths.output_dir)
-    done = stages.finished(output_dir, cfg)
+    key = stages.config_hash(cfg)  # before evaluate resolves values in cfg
+    done = stages.finished(output_dir, key)
     if done is not None:
         log.info("evaluation in %s already done; skipping", output_dir)
         return done.get("metrics", {})
     metrics = evaluate(cfg)
     if rank_zero_only.rank == 0:
-        stages.write_marker(output_dir, cfg, kind="eval", metrics=metrics)
+        stages.write_marker(output_dir, cfg, key, kind="eval", metrics=metrics)
     return metrics
 
 

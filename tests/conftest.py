@@ -36,6 +36,14 @@ def hcm_root(tmp_path_factory) -> Path:
             os.environ[k] = v
 
 
+@pytest.fixture(autouse=True)
+def stage_store(tmp_path, monkeypatch) -> Path:
+    """Each test its own stage store: a pipeline stage is never reused from another test."""
+    store = tmp_path / "stage_store"
+    monkeypatch.setenv("HCM_STAGE_STORE", str(store))
+    return store
+
+
 @pytest.fixture
 def compose_cfg(tmp_path) -> Callable[..., DictConfig]:
     """compose_cfg("train", ["experiment=tiny_sft", ...]) -> the config train.py would get.

@@ -144,7 +144,7 @@ def test_pipeline_chains_resumes_and_refuses_changed_config(compose_cfg):
     for name in ("sft_1_1", "sft_1_2", "grpo"):
         assert (stages / name / "stage.json").is_file(), name
     grpo = json.loads((stages / "grpo" / "stage.json").read_text())
-    assert grpo["init_model"] == str(stages / "sft_1_2" / "model")
+    assert grpo["init_model"] == str((stages / "sft_1_2").resolve() / "model")
     hard = json.loads((stages / "grpo" / "hard_cases.json").read_text())
     assert hard  # the mining cache of the initial (SFT 1.2) policy
     mtime = (stages / "grpo" / "model" / "model.safetensors").stat().st_mtime
@@ -155,9 +155,15 @@ def test_pipeline_chains_resumes_and_refuses_changed_config(compose_cfg):
     # ... and summarises them all the same (the eval stage ran again: same greedy answers)
     assert json.loads((Path(cfg.paths.output_dir) / "summary.json").read_text()) == summary
 
-    changed = compose_cfg("train", [*overrides, "seed=1"])
+    # without the stage store, the job's own folders refuse another config ...
+    changed = compose_cfg("train", [*overrides, "seed=1", "paths.stage_store=null"])
     with pytest.raises(ConfigError, match="another config"):
         train(changed)
+    # ... with it, another config is another stage folder, and the first one stays as it was
+    first = (stages / "grpo").resolve()
+    train(compose_cfg("train", [*overrides, "seed=1"]))
+    assert (stages / "grpo").resolve() != first
+    assert (first / "model" / "model.safetensors").stat().st_mtime == mtime
 
 
 @pytest.mark.parametrize("size", ["1b", "2b"])

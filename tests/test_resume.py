@@ -61,6 +61,7 @@ def train_cli(run: Path, site: Path, fault: str | None = None) -> subprocess.Com
     env = {**os.environ, "PYTHONPATH": str(site), "PYTHONUNBUFFERED": "1"}
     env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     env.pop("HCM_FAULT", None)
+    env["HCM_STAGE_STORE"] = str(run.with_name(run.name + "-stages"))  # ref's and run's apart
     if fault:
         env["HCM_FAULT"] = fault
     args = [sys.executable, str(REPO / "train.py"), *PIPELINE, f"hydra.run.dir={run}"]

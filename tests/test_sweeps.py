@@ -119,6 +119,27 @@ def stage_config(sweep_dir: Path, job: int, stage: str) -> dict:
     return json.loads((sweep_dir / str(job) / "stages" / stage / "stage.json").read_text())
 
 
+def stage_folder(sweep_dir: Path, job: int, stage: str) -> Path:
+    """The shared folder a job's stages/<stage> links to (the stage store)."""
+    link = sweep_dir / str(job) / "stages" / stage
+    assert link.is_symlink(), link
+    return link.resolve()
+
+
+def store_snapshot(store: Path) -> dict[str, str]:
+    """Each finished stage in the store and when it finished: what a rerun must leave alone."""
+    return {
+        marker.parent.name: json.loads(marker.read_text())["finished_at"]
+        for marker in store.glob("*/stage.json")
+    }
+
+
+def rerun_trains_nothing(sweep: str, sweep_dir: Path, store: Path, **kw) -> None:
+    before = store_snapshot(store)
+    multirun("train.py", sweep, sweep_dir.with_name(sweep_dir.name + "-rerun"), **kw)
+    assert store_snapshot(store) == before
+
+
 @pytest.mark.slow
 def test_table3_twin_api_and_local_models(tmp_path, hcm_root, monkeypatch, one_thread):
     monkeypatch.setenv("OPENAI_API_KEY", SECRET)
@@ -168,27 +189,48 @@ def test_table5_twin(tmp_path, one_thread):
     ]
     assert sources == [["weak_cot"], ["caption", "weak_cot"], ["answer_cot"]]
     exp4 = stage_config(tmp_path / "t5", 4, "sft_1_2")
-    assert exp4["init_model"].endswith("stages/sft_1_1/model")
+    assert Path(exp4["init_model"]).parent.name.startswith("sft_1_1-")  # in the stage store
 
 
 @pytest.mark.slow
-def test_table6_twin(tmp_path, one_thread):
-    multirun("train.py", "table6_tiny", tmp_path / "t6")
-    check_table("table6", tmp_path / "t6")
-    rewards = [
-        stage_config(tmp_path / "t6", j, "grpo")["config"]["module"]["rewards"] for j in (1, 2, 3)
-    ]
+def test_table6_twin(tmp_path, stage_store, one_thread):
+    """Every row of a model size starts from one SFT model, trained once; +DPA-GRPO and
+    +HCM-GRPO share their first epochs; a rerun of the sweep trains nothing."""
+    t6 = tmp_path / "t6"
+    multirun("train.py", "table6_tiny", t6)
+    check_table("table6", t6)
+    rewards = [stage_config(t6, j, "grpo")["config"]["module"]["rewards"] for j in (1, 2, 3)]
     assert [r["accuracy"] for r in rewards] == [1.0, 0.0, 0.0]
     assert [r["dpa"] for r in rewards] == [0.0, 1.0, 1.0]
-    assert (tmp_path / "t6" / "3" / "stages" / "grpo" / "hard_cases.json").is_file()
-    assert (tmp_path / "t6" / "table6_tiny_curves.png").stat().st_size > 0
+    for jobs in ((0, 1, 2, 3), (4, 5, 6, 7)):  # InternVL3-1B's rows, then -2B's
+        assert len({stage_folder(t6, j, "sft_1_2") for j in jobs}) == 1
+        sft = stage_folder(t6, jobs[0], "sft_1_2") / "model"
+        inits = [stage_config(t6, j, "grpo")["init_model"] for j in jobs[1:]]
+        assert inits == [str(sft)] * 3, inits
+        dpa, hcm = jobs[2], jobs[3]
+        assert stage_folder(t6, dpa, "grpo_all") == stage_folder(t6, hcm, "grpo_all")
+        assert (stage_folder(t6, hcm, "grpo_all") / "hard_cases.json").is_file()
+        starts = {stage_config(t6, j, "grpo")["init_ckpt"] for j in (dpa, hcm)}
+        assert starts == {str(stage_folder(t6, hcm, "grpo_all") / "checkpoints/last.ckpt")}
+    assert len(list(stage_store.glob("sft_1_1-*/stage.json"))) <= 2
+    assert (t6 / "table6_tiny_curves.png").stat().st_size > 0
+    rerun_trains_nothing("table6_tiny", t6, stage_store)
 
 
 @pytest.mark.slow
-def test_table7_twin(tmp_path, one_thread):
-    """The random tiny model answers every training question wrongly: no easy cases, so the
-    easy-only job fails (the sampler refuses an empty set) and its row says so."""
+def test_table7_twin(tmp_path, stage_store, one_thread):
+    """The five arms share one SFT model, one hard set and one checkpoint at the switch, each
+    trained once. The random tiny model answers every training question wrongly: no easy cases,
+    so the easy-only job fails (the sampler refuses an empty set) and its row says so."""
     multirun("train.py", "table7_tiny", tmp_path / "t7", fails=True)
+    arms = (0, 2, 3, 4)  # job 1, easy_only, failed
+    assert len({stage_folder(tmp_path / "t7", j, "grpo_all") for j in range(5)}) == 1
+    assert len(list(stage_store.glob("sft_1_1-*"))) == len(list(stage_store.glob("sft_1_2-*")))
+    assert len(list(stage_store.glob("sft_1_2-*"))) == 1
+    first = [stage_config(tmp_path / "t7", j, "grpo") for j in arms]
+    assert len({(m["init_model"], m["init_ckpt"]) for m in first}) == 1
+    hard_sets = {json.dumps(m["hard_cases"]) for m in first}
+    assert len(hard_sets) == 1 and json.loads(hard_sets.pop())["count"] == 24
     rows = check_table("table7", tmp_path / "t7", failed=(2,))
     assert [r.labels[0] for r in rows[1:3]] == ["24 Hard Cases Only", "0 Easy Cases Only"]
     compositions = [
@@ -199,6 +241,7 @@ def test_table7_twin(tmp_path, one_thread):
     baseline = rows[3]
     assert baseline.deltas == {"overall": 0.0} and "(+0.00)" in report(str(tmp_path / "t7"))
     assert "| 0 Easy Cases Only | failed |" in report(str(tmp_path / "t7"))
+    rerun_trains_nothing("table7_tiny", tmp_path / "t7", stage_store, fails=True)
 
 
 @pytest.mark.slow

@@ -1,0 +1,121 @@
+"""The stage store (hcm/stages.py): which config keys make a stage another stage, the guard on
+continuing stages, and the lock that keeps two jobs from training one stage twice."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import time
+from pathlib import Path
+
+import pytest
+
+from hcm import stages
+from hcm.config import ConfigError
+
+
+def grpo(compose_cfg, *overrides: str):
+    return compose_cfg("train", ["experiment=tiny_grpo", *overrides])
+
+
+@pytest.mark.parametrize(
+    ("override", "same_stage"),
+    [
+        ("seed=1", False),
+        ("module.beta=0.0", False),
+        ("module.optimizer.lr=0.5", False),
+        ("data.composition=all_plus_hard", False),  # a GRPO stage's schedule
+        ("trainer.max_epochs=7", False),
+        ("max_completion_length=12", False),
+        ("logger=none", True),
+        ("task_name=elsewhere", True),
+        ("data.num_workers=3", True),
+        ("checkpoint_every_n_steps=5", True),
+        ("paths.output_dir=/somewhere/else", True),
+        ("++trainer.enable_progress_bar=false", True),
+        ("module.log_completions_every_n_steps=7", True),
+    ],
+)
+def test_what_makes_another_grpo_stage(compose_cfg, override, same_stage):
+    base = stages.config_hash(grpo(compose_cfg))
+    assert (stages.config_hash(grpo(compose_cfg, override)) == base) == same_stage
+
+
+@pytest.mark.parametrize(
+    ("override", "same_stage"),
+    [
+        ("data.composition=hard_only", True),  # no SFT stage reads GRPO's data schedule
+        ("data.switch_epoch=2", True),
+        ("data.sft_sources=[caption]", False),
+        ("seed=3", False),
+    ],
+)
+def test_sft_stages_ignore_grpo_only_keys(compose_cfg, override, same_stage):
+    sft = ["experiment=tiny_sft", "trainer.max_epochs=3"]
+    base = stages.config_hash(compose_cfg("train", sft))
+    assert (stages.config_hash(compose_cfg("train", [*sft, override])) == base) == same_stage
+
+
+def test_a_continuation_may_change_only_its_composition(compose_cfg):
+    first = grpo(compose_cfg, "module.stop_at_switch=true", "data.composition=all")
+    then = grpo(compose_cfg, "data.composition=hard_only", "init_ckpt=/x/last.ckpt")
+    assert stages.continuation_changes(first, then) == []
+    lr = grpo(compose_cfg, "data.composition=hard_only", "module.optimizer.lr=0.5")
+    assert stages.continuation_changes(first, lr) == ["module.optimizer.lr"]
+
+
+def test_pipeline_refuses_a_continuation_that_changes_more(compose_cfg):
+    from hcm.train import compose_stages
+
+    bad = "pipeline.grpo.overrides=['data.composition=all_plus_hard','module.beta=0.1']"
+    cfg = compose_cfg("train", ["experiment=cpu_hcm", bad])
+    with pytest.raises(ConfigError, match=r"differs from it in module\.beta"):
+        compose_stages(cfg)
+
+
+def _hold(folder: str, seconds: float, started) -> None:
+    with stages.claim(Path(folder)):
+        started.set()
+        time.sleep(seconds)
+
+
+def _crash_holding(folder: str, started) -> None:
+    with stages.claim(Path(folder)):
+        started.set()
+        time.sleep(30)  # killed here, never releasing by itself
+
+
+def test_claim_waits_for_the_owner_and_outlives_a_crashed_one(tmp_path):
+    ctx = mp.get_context("spawn")
+    folder = tmp_path / "store" / "sft-0123"
+    started = ctx.Event()
+    owner = ctx.Process(target=_hold, args=(str(folder), 2.0, started))
+    owner.start()
+    assert started.wait(60)
+    t0 = time.monotonic()
+    with stages.claim(folder):
+        waited = time.monotonic() - t0
+    owner.join()
+    assert waited > 0.5, waited  # it waited for the owner to finish
+
+    started = ctx.Event()
+    crashed = ctx.Process(target=_crash_holding, args=(str(folder), started))
+    crashed.start()
+    assert started.wait(60)
+    crashed.kill()
+    crashed.join()
+    t0 = time.monotonic()
+    with stages.claim(folder):  # the OS dropped the dead owner's lock: taken over at once
+        assert time.monotonic() - t0 < 5
+
+
+def test_link_points_a_job_at_the_shared_folder(tmp_path):
+    shared, link = tmp_path / "store" / "grpo-abc", tmp_path / "job" / "stages" / "grpo"
+    stages.link(link, shared)
+    assert link.is_symlink() and link.resolve() == shared.resolve()
+    other = tmp_path / "store" / "grpo-def"
+    stages.link(link, other)  # the stage's config changed: the job now shows the new one
+    assert link.resolve() == other.resolve() and shared.is_dir()
+    real = tmp_path / "job" / "stages" / "sft"
+    real.mkdir()
+    with pytest.raises(ConfigError, match="not a link"):
+        stages.link(real, tmp_path / "store" / "sft-1")
