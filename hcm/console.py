@@ -40,6 +40,10 @@ HARMLESS_WARNINGS: dict[tuple[type[Warning], str], str] = {
     (Warning, r"Using ModelCheckpoint with manual optimization"): (
         "GRPO's checkpoint after its optimizer step is the state a resume needs"
     ),
+    (Warning, r"The dirpath has changed from .* therefore `best_model_score`"): (
+        "a pipeline stage that continues another (continue_from) starts from that stage's "
+        "checkpoint and writes its own; it keeps no best-k state to reload"
+    ),
     (Warning, r"Experiment logs directory .* exists and is not empty"): (
         "a rerun's CSV logger: hcm.train.keep_csv has kept the earlier metrics.csv beside it"
     ),
