@@ -131,6 +131,17 @@ def finished(output_dir: Path, key: str) -> dict[str, Any] | None:
     return done
 
 
+def previous_run(cfg: DictConfig) -> tuple[str, dict[str, Any] | None]:
+    """(the hash of cfg as it is now, the metrics of this config's finished run in its folder,
+    or None); take it before running resolves values in cfg (`write_marker`)."""
+    key = config_hash(cfg)
+    done = finished(Path(cfg.paths.output_dir), key)
+    if done is None:
+        return key, None
+    log.info("%s already holds this stage's results; skipping it", cfg.paths.output_dir)
+    return key, done.get("metrics", {})
+
+
 def last_checkpoint(cfg: DictConfig, output_dir: Path) -> str | None:
     """The checkpoint to resume from: `ckpt_path=last` takes this stage's last.ckpt if whole.
 

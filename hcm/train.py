@@ -88,11 +88,9 @@ def run_stage(cfg: DictConfig) -> dict[str, Any]:
     """Fit one SFT or GRPO stage and export its model; skipped when already finished."""
     validate(cfg)
     output_dir = Path(cfg.paths.output_dir)
-    key = stages.config_hash(cfg)  # before anything resolves values in cfg
-    done = stages.finished(output_dir, key)
+    key, done = stages.previous_run(cfg)  # before anything resolves values in cfg
     if done is not None:
-        log.info("stage in %s already finished; skipping", output_dir)
-        return done.get("metrics", {})
+        return done
     resolve_precision(cfg)
     # checked before anything loads: this stage's own checkpoint, else where it continues from
     ckpt_path = stages.last_checkpoint(cfg, output_dir) or stages.start_checkpoint(cfg)
@@ -227,15 +225,12 @@ def run_eval_stage(cfg: DictConfig) -> dict[str, Any]:
     """A pipeline's evaluation, skipped when its folder holds this config's results."""
     from hcm.evaluate import evaluate
 
-    output_dir = Path(cfg.paths.output_dir)
-    key = stages.config_hash(cfg)  # before evaluate resolves values in cfg
-    done = stages.finished(output_dir, key)
+    key, done = stages.previous_run(cfg)  # before evaluate resolves values in cfg
     if done is not None:
-        log.info("evaluation in %s already done; skipping", output_dir)
-        return done.get("metrics", {})
+        return done
     metrics = evaluate(cfg)
     if rank_zero_only.rank == 0:
-        stages.write_marker(output_dir, cfg, key, kind="eval", metrics=metrics)
+        stages.write_marker(Path(cfg.paths.output_dir), cfg, key, kind="eval", metrics=metrics)
     return metrics
 
 

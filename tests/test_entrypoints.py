@@ -17,7 +17,7 @@ from hcm.config import ConfigError
 from hcm.data.hard_cases import HardCaseSet
 from hcm.data.records import DIMENSIONS
 from hcm.stats import wilson_interval
-from hcm.train import train
+from hcm.train import compose_stages, train
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -193,15 +193,26 @@ def test_paper_experiments_match_table_2(compose_cfg, size):
     }
     for exp, (reward, composition) in rows.items():
         cfg = compose_cfg("train", [f"experiment={exp}_{size}"])
-        assert list(cfg.pipeline) == ["sft_1_1", "sft_1_2", "grpo", "eval"]
-        grpo = cfg.pipeline.grpo
-        assert grpo.init_from == "sft_1_2" and grpo.experiment == f"rl_{size}"
-        # compose the stage exactly as the pipeline will, and check what it trains
-        stage = compose_cfg("train", [f"experiment={grpo.experiment}", *grpo.overrides])
-        assert stage.data.composition == composition
-        assert stage.module.rewards[reward] == 1.0 and stage.module.rewards.format == 1.0
-        other = {"accuracy": "dpa", "dpa": "accuracy"}[reward]
-        assert stage.module.rewards[other] == 0.0
+        # compose the stages exactly as the pipeline will, and check what they train
+        composed = {name: stage for name, _, stage in compose_stages(cfg)}
+        split = exp != "grpo"  # DPA-GRPO and HCM-GRPO: the epochs before the switch apart
+        names = ["sft_1_1", "sft_1_2", *(["grpo_all"] if split else []), "grpo", "eval"]
+        assert list(composed) == names
+        sft_model = str(Path(composed["sft_1_2"].paths.output_dir) / "model")
+        assert composed["grpo"].model.name_or_path == sft_model  # the KL reference, the miner
+        for name in ("grpo_all", "grpo") if split else ("grpo",):
+            stage = composed[name]
+            assert stage.module.rewards[reward] == 1.0 and stage.module.rewards.format == 1.0
+            other = {"accuracy": "dpa", "dpa": "accuracy"}[reward]
+            assert stage.module.rewards[other] == 0.0
+            assert stage.trainer.max_epochs == 5 and stage.data.switch_epoch == 3
+        assert composed["grpo"].data.composition == composition
+        if split:
+            first = composed["grpo_all"]
+            assert first.data.composition == "all" and first.module.stop_at_switch
+            assert composed["grpo"].init_ckpt == str(
+                Path(first.paths.output_dir) / "checkpoints/last.ckpt"
+            )
         sft11 = compose_cfg(
             "train",
             [f"experiment={cfg.pipeline.sft_1_1.experiment}", *cfg.pipeline.sft_1_1.overrides],
