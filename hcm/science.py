@@ -110,7 +110,7 @@ def _candidates(path: Path, digest: str | None) -> dict[str, list] | None:
     return {k: v for k, v in metas.items() if v} or None
 
 
-def test_candidates(run: Run) -> dict[str, list] | None:
+def manifest_candidates(run: Run) -> dict[str, list] | None:
     """The candidates' defects of every sample of the run's test manifest, or None."""
     split = run.payload.get("split")
     if run.job.folder is None or not split:
@@ -124,16 +124,16 @@ def test_candidates(run: Run) -> dict[str, list] | None:
     return None
 
 
-def run_detection(run: Run) -> dict[str, float]:
-    """Per family (and `clean`), the run's detection rate in percent; {} without the files."""
+def run_detection(run: Run) -> dict[str, list[int]]:
+    """Per family (and `clean`), the run's `detection_counts`; {} without the files."""
     predictions = None if run.folder is None else run.folder / "predictions.jsonl"
     if predictions is None or not predictions.is_file():
         return {}
-    candidates = test_candidates(run)
+    candidates = manifest_candidates(run)
     if candidates is None:
         return {}
     rows = [json.loads(line) for line in predictions.read_text().splitlines() if line.strip()]
-    return {f: 100 * k / n for f, (k, n) in detection_counts(rows, candidates).items() if n}
+    return detection_counts(rows, candidates)
 
 
 def run_zero_variance(run: Run) -> float | None:
@@ -175,21 +175,22 @@ def dimension_section(rows, names, decimals: int) -> str:
 
 
 def family_section(rows, names, decimals: int) -> str:
-    rates = [[run_detection(r) for r in row.runs] for row in rows]
-    found = {f for per_row in rates for run in per_row for f in run}
+    counts = [[run_detection(r) for r in row.runs] for row in rows]
+    found = {f: n for per_row in counts for run in per_row for f, (_, n) in run.items()}
     families = [f for f in (*FAMILIES, CLEAN) if f in found]
     if not families:
         return ""
     lines = []
-    for name, per_row in zip(names, rates, strict=True):
+    for name, per_row in zip(names, counts, strict=True):
         if any(per_row):
-            means = [_mean([run[f] for run in per_row if f in run]) for f in families]
-            lines.append([name, *(_num(m, decimals) for m in means)])
-    head = ["Row", *(f"{f} ({FAMILIES.get(f, 'kept')})" for f in families)]
+            rates = [[100 * run[f][0] / run[f][1] for run in per_row if f in run] for f in families]
+            lines.append([name, *(_num(_mean(r), decimals) for r in rates)])
+    head = ["Row", *(f"{f} (n={found[f]})" for f in families)]
     note = (
-        "Detection rate: of the test candidates carrying a defect of that family, the share (%) "
-        "whose letter the model's parsed answer leaves out (an invalid answer detects nothing); "
-        "`clean`: of the defect-free candidates, the share it keeps. Mean over seeds."
+        "Detection rate: of the test candidates carrying a defect of that family (n of them), "
+        "the share (%) whose letter the model's parsed answer leaves out (an invalid answer "
+        "detects nothing); `clean`: of the defect-free candidates, the share it keeps. Mean over "
+        "seeds. Families belong to dimensions as in hcm.data.render.FAMILIES."
     )
     return f"\n**Detection rate per defect family**\n\n{_table(head, lines)}\n{note}\n"
 

@@ -114,6 +114,21 @@ def test_seeds_are_averaged_with_t_intervals_and_paired_deltas(tmp_path):
     assert (root / "table6_scores.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_jobs_that_differ_in_more_than_their_seed_are_not_averaged(tmp_path, caplog):
+    root = make_multirun(tmp_path / "t6", "table6")
+    jobs = [  # the second one also changed beta: another experiment, not another seed
+        (["seed=0"], 50.0),
+        (["seed=1", "module.beta=0.1"], 70.0),
+        (["seed=1"], 54.0),
+    ]
+    for num, (overrides, score) in enumerate(jobs):
+        overrides = ["experiment=grpo_1b", *overrides]
+        make_job(root, num, {"experiment": "grpo_1b"}, overrides, {"eval": {"overall": score}})
+    lines = report(str(root)).splitlines()
+    assert "| +GRPO | 52.00 ± 25.41 | 2 |" in lines  # 50 and 54: se 2, t(1) 12.706
+    assert "row ['+GRPO']: 3 jobs match; using jobs ['0', '2']" in caplog.text
+
+
 # -- science sections --------------------------------------------------------------------------
 ARMS = {
     "title": "Arms",
@@ -206,8 +221,7 @@ def test_science_sections_per_dimension_family_and_zero_variance(tmp_path):
         "| SFT +HCM-GRPO | n/a | 70.0 | n/a | n/a |",
         "Per-dimension held-out scores, mean over seeds (n/a: no held-out sample has it).",
         "**Detection rate per defect family**",
-        "| Row | floating (placement_layout) | extra_object (extension_rationality) "
-        "| clean (kept) |\n|---|---|---|---|\n"
+        "| Row | floating (n=2) | extra_object (n=1) | clean (n=2) |\n|---|---|---|---|\n"
         # SFT: seed 0 invalid (nothing detected, nothing kept), seed 1 "N" (all excluded)
         "| SFT | 50.0 | 50.0 | 0.0 |\n"
         # seed 0 "BC": A excluded (1 of 2 floating), C kept; seed 1 "B": A, C excluded;
