@@ -1,7 +1,8 @@
 """Training curves from the CSV logger's `metrics.csv`, drawn as one PNG of panels.
 
-Used by the sweep report (every run's GRPO reward and KL) and by a pipeline's summary (SFT loss,
-GRPO reward and KL, held-out score per epoch). A panel without data is left out; without
+Used by the sweep report (every run's GRPO reward and KL; each row's score per seed with its mean
+and interval, and its reward per epoch) and by a pipeline's summary (SFT loss, GRPO reward and KL,
+held-out score per epoch). A panel without data is left out; without
 matplotlib (`pip install matplotlib`) there is no figure, with a warning.
 """
 
@@ -16,15 +17,19 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 
-def read_curve(path: Path, key: str, x: str = "step") -> tuple[list[float], list[float]]:
-    """(x values, `key` values) of the rows of a metrics.csv that log `key`."""
-    xs, values = [], []
-    with Path(path).open() as f:
-        for record in csv.DictReader(f):
-            if record.get(key) not in (None, ""):
-                xs.append(float(record.get(x) or len(xs)))
-                values.append(float(record[key]))
-    return xs, values
+def read_curve(
+    paths: Path | Sequence[Path], key: str, x: str = "step"
+) -> tuple[list[float], list[float]]:
+    """(x values, `key` values) of the rows that log `key`, over one metrics.csv or several (a
+    GRPO run in two pipeline stages: the epochs before the switch, then the rest), in x order."""
+    points: list[tuple[float, float]] = []
+    for path in [paths] if isinstance(paths, str | Path) else paths:
+        with Path(path).open() as f:
+            for record in csv.DictReader(f):
+                if record.get(key) not in (None, ""):
+                    points.append((float(record.get(x) or len(points)), float(record[key])))
+    points.sort(key=lambda p: p[0])  # stable: rows of one x keep their order
+    return [p[0] for p in points], [p[1] for p in points]
 
 
 @dataclass
@@ -35,7 +40,38 @@ class Panel:
     hline: tuple[str, float] | None = None  # (label, y): a reference level, e.g. random guessing
 
 
-def draw(panels: Sequence[Panel], path: Path, title: str) -> Path | None:
+@dataclass
+class Points:
+    """A value per run in each category (dots), and the category's mean with its interval
+    (an error bar): e.g. a table row's held-out score per seed."""
+
+    title: str
+    ylabel: str
+    names: list[str]
+    values: list[list[float]]
+    means: list[float | None]
+    intervals: list[tuple[float, float] | None]
+    hline: tuple[str, float] | None = None
+
+    @property
+    def series(self) -> list[tuple[str, list[float], list[float]]]:
+        return [(n, [], v) for n, v in zip(self.names, self.values, strict=True)]
+
+
+def _points(ax, panel: Points) -> None:
+    for i, (values, mean, interval) in enumerate(
+        zip(panel.values, panel.means, panel.intervals, strict=True)
+    ):
+        spread = [i + 0.08 * (k - (len(values) - 1) / 2) for k in range(len(values))]
+        ax.plot(spread, values, "o", color="tab:blue", alpha=0.6, label="run" if i == 0 else None)
+        if mean is not None and interval is not None:
+            err = [[mean - interval[0]], [interval[1] - mean]]
+            ax.errorbar([i], [mean], yerr=err, fmt="_", color="black", capsize=6, markersize=14)
+    ax.set_xticks(range(len(panel.names)), panel.names, rotation=30, ha="right", fontsize="small")
+    ax.set_ylabel(panel.ylabel)
+
+
+def draw(panels: Sequence[Panel | Points], path: Path, title: str) -> Path | None:
     """The panels that hold data, two a row, saved to `path`; None when nothing was drawn."""
     panels = [p for p in panels if any(y for _, _, y in p.series)]
     if not panels:
@@ -54,13 +90,16 @@ def draw(panels: Sequence[Panel], path: Path, title: str) -> Path | None:
     for ax in axes.flat[len(panels) :]:
         ax.remove()
     for ax, panel in zip(axes.flat, panels, strict=False):
-        for label, xs, ys in panel.series:
-            if ys:
-                ax.plot(xs, ys, marker="." if len(ys) < 20 else None, label=label)
+        if isinstance(panel, Points):
+            _points(ax, panel)
+        else:
+            for label, xs, ys in panel.series:
+                if ys:
+                    ax.plot(xs, ys, marker="." if len(ys) < 20 else None, label=label)
+            ax.set_xlabel(panel.xlabel)
         if panel.hline is not None:
             ax.axhline(panel.hline[1], color="grey", linestyle="--", label=panel.hline[0])
         ax.set_title(panel.title)
-        ax.set_xlabel(panel.xlabel)
         ax.legend(fontsize="small")
     fig.suptitle(title)
     fig.tight_layout()

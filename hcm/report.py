@@ -7,8 +7,13 @@ a pipeline with several evaluations, which eval stage (`stage`, default: the onl
 read from the `metrics.json` that evaluation writes in each job, never from logs. A row whose job
 is absent says "missing"; a job without results (crashed, or still running) says "failed".
 
-Written beside the table (default: into the multirun folder): <table>.md, <table>.csv and, when
-the jobs logged GRPO curves (CSV logger), <table>_curves.png with every run's reward and KL.
+Seeds (`seed=0,1,2` on the command line): jobs that match one row and differ only in `seed` are
+averaged, `mean ± half-width` of the 95% t interval, differences paired by seed (hcm.aggregate).
+
+Written beside the table (default: into the multirun folder): <table>.md (then hcm.science's
+sections), <table>.csv, <table>_runs.csv (each run's score and Wilson interval), <table>_scores.png
+(scores per seed, reward per epoch) and, when the jobs logged GRPO curves (CSV logger),
+<table>_curves.png with every run's reward and KL.
 `--wandb` also logs the table (and the figure) to W&B; a W&B group instead of a folder reads the
 eval runs of that group (tagged by the sweep) with the layout from sweeps/<group>.yaml.
 """
@@ -16,11 +21,8 @@ eval runs of that group (tagged by the sweep) with the layout from sweeps/<group
 from __future__ import annotations
 
 import argparse
-import csv
-import io
 import json
 import logging
-import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,12 +30,23 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
+from hcm import science
+from hcm.aggregate import (
+    CAPTION,
+    PREFIX,
+    Run,
+    cell,
+    paired_delta,
+    row_runs,
+    row_values,
+    runs_csv,
+    table_csv,
+)
 from hcm.curves import Panel, draw, read_curve
 from hcm.data.hard_cases import HardCaseSet
 
 log = logging.getLogger(__name__)
 
-PREFIX = "test/score/"
 SWEEPS_DIR = Path(__file__).resolve().parents[1] / "sweeps"
 CURVES = (("train/reward/total", "reward"), ("train/kl", "KL"))
 
@@ -46,7 +59,8 @@ class Job:
     identity: dict[str, str]
     evals: dict[str | None, dict]  # eval stage name (None: the job itself) -> metrics.json
     counts: dict[str, int] = field(default_factory=dict)  # hard/easy/all from mining
-    curves: Path | None = None  # a GRPO stage's CSV log
+    curves: list[Path] | None = None  # the CSV logs of its GRPO stages
+    folder: Path | None = None  # the job's folder (None: read from W&B)
 
 
 @dataclass
@@ -55,7 +69,10 @@ class Row:
     values: dict[str, float | None]
     deltas: dict[str, float | None]
     status: str  # ok | missing | failed | section
-    job: str = ""
+    job: str = ""  # the jobs filling it, ";"-joined
+    runs: list[Run] = field(default_factory=list)  # one per seed
+    intervals: dict[str, tuple[float, float]] = field(default_factory=dict)
+    delta_intervals: dict[str, tuple[float, float]] = field(default_factory=dict)
 
 
 # -- reading a multirun folder ------------------------------------------------------------------
@@ -76,7 +93,7 @@ def read_job(job_dir: Path) -> Job:
     if (job_dir / "metrics.json").is_file():
         evals[None] = json.loads((job_dir / "metrics.json").read_text())
     counts: dict[str, int] = {}
-    curves = None
+    curves: list[Path] = []
     for stage in sorted(p for p in (job_dir / "stages").glob("*") if p.is_dir()):
         if (stage / "metrics.json").is_file():
             evals[stage.name] = json.loads((stage / "metrics.json").read_text())
@@ -85,9 +102,9 @@ def read_job(job_dir: Path) -> Job:
             hard, easy = len(cases.hard_ids), len(cases.easy_ids)
             counts = {"hard": hard, "easy": easy, "all": hard + easy}
         log_csv = stage / "csv" / "metrics.csv"
-        if curves is None and log_csv.is_file() and CURVES[0][0] in log_csv.open().readline():
-            curves = log_csv
-    return Job(job_dir.name, identity, evals, counts, curves)
+        if log_csv.is_file() and CURVES[0][0] in log_csv.open().readline():
+            curves.append(log_csv)
+    return Job(job_dir.name, identity, evals, counts, curves or None, job_dir)
 
 
 def read_multirun(folder: Path) -> tuple[dict, str, list[Job]]:
@@ -132,29 +149,32 @@ def _random_values(columns: Sequence[str], jobs: Sequence[Job]) -> dict[str, flo
 
 
 def fill_row(entry: dict, columns: Sequence[str], jobs: Sequence[Job], fallback: dict) -> Row:
-    """One paper row from the first matching job that finished; "{hard}"-style placeholders in
-    its labels take that job's mining counts (or another job's, when it mined none)."""
+    """One paper row from the first matching job that finished and its other seeds; "{hard}"-
+    style placeholders in its labels take that job's mining counts (or another's, if none)."""
     labels = [str(x) for x in entry.get("labels", [])]
     if entry.get("random"):
         return Row(labels, _random_values(columns, jobs), {}, "ok")
     found = [j for j in jobs if matches(j, entry["match"])]
     done = [(j, p) for j in found if (p := eval_of(j, entry.get("stage"))) is not None]
+    runs, intervals = [], {}
     if done:
-        (job, payload), status = done[0], "ok"
-        if len(done) > 1:
-            log.warning("row %s: %d jobs match; using job %s", labels, len(done), job.name)
-        values = {c: payload["metrics"].get(PREFIX + c) for c in columns}
+        failed = [j for j in found if all(j is not d for d, _ in done)]
+        runs = row_runs(done, failed, labels)
+        job, status = runs[0].job, "ok"
+        values, intervals = row_values(runs, columns)
     else:
         job, status = (found[0] if found else None), ("failed" if found else "missing")
         values = dict.fromkeys(columns)
     counts = (job.counts if job is not None else {}) or fallback
     placeholders = {k: counts.get(k, "?") for k in ("hard", "easy", "all")}
     labels = [label.format(**placeholders) for label in labels]
-    return Row(labels, values, {}, status, job.name if job is not None else "")
+    names = ";".join(r.job.name for r in runs) or (job.name if job is not None else "")
+    return Row(labels, values, {}, status, names, runs, intervals)
 
 
 def add_deltas(rows: Sequence[Row], sections: Sequence[int], baselines: dict, columns, spec):
-    """ "(+x.xx)" to the section's baseline row, as the paper writes its ablations."""
+    """ "(+x.xx)" to the section's baseline row, as the paper writes its ablations; over the
+    same seeds, the mean of per-seed differences and its interval."""
     for row, section in zip(rows, sections, strict=True):
         base = baselines.get(section)
         if row.status != "ok" or base is None or base.status != "ok":
@@ -167,6 +187,9 @@ def add_deltas(rows: Sequence[Row], sections: Sequence[int], baselines: dict, co
             else None
             for c in columns
         }
+        for c in columns:
+            if (paired := paired_delta(row.runs, base.runs, c)) is not None:
+                row.deltas[c], row.delta_intervals[c] = paired[0], paired[1:]
 
 
 def build_rows(spec: dict, jobs: Sequence[Job]) -> list[Row]:
@@ -196,63 +219,43 @@ def build_rows(spec: dict, jobs: Sequence[Job]) -> list[Row]:
     return rows
 
 
-def cell(row: Row, column: str, decimals: int) -> str:
-    if row.status in ("missing", "failed"):
-        return row.status
-    value = row.values.get(column)
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "n/a"
-    text = f"{value:.{decimals}f}"
-    delta = row.deltas.get(column)
-    return text + (f" ({delta:+.{decimals}f})" if delta is not None else "")
-
-
 def to_markdown(spec: dict, rows: Sequence[Row]) -> str:
     columns, decimals = spec["columns"], int(spec.get("decimals", 2))
-    head = [*spec["label_columns"], *columns.values()]
+    seeded = any(len(r.runs) > 1 for r in rows)
+    head = [*spec["label_columns"], *columns.values(), *(["Seeds"] if seeded else [])]
     lines = [f"**{spec['title']}**", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in rows:
         if row.status == "section":
             cells = [f"*{row.labels[0]}*"] + [""] * (len(head) - 1)
         else:
             cells = [*row.labels, *(cell(row, c, decimals) for c in columns)]
+            cells += [str(len(row.runs) or "-")] if seeded else []
         lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
-
-
-def to_csv(spec: dict, rows: Sequence[Row]) -> str:
-    columns = list(spec["columns"])
-    out = io.StringIO()
-    writer = csv.writer(out)
-    header = [*spec["label_columns"]]
-    for c in columns:
-        header += [c, f"{c}_delta"]
-    writer.writerow([*header, "status", "job"])
-    for row in rows:
-        if row.status == "section":
-            continue
-        values = []
-        for c in columns:
-            v, d = row.values.get(c), row.deltas.get(c)
-            values += ["" if v is None else f"{v:.4f}", "" if d is None else f"{d:.4f}"]
-        writer.writerow([*row.labels, *values, row.status, row.job])
-    return out.getvalue()
+    return "\n".join(lines) + "\n" + (f"\n{CAPTION}\n" if seeded else "")
 
 
 # -- curves ----------------------------------------------------------------------------------------
-def plot_curves(spec: dict, rows: Sequence[Row], jobs: Sequence[Job], path: Path) -> Path | None:
-    """Reward and KL of the table's GRPO runs on one figure; None when there is none."""
-    by_name = {j.name: j for j in jobs}
-    runs, group = [], ""
+def row_names(spec: dict, rows: Sequence[Row]) -> list[str]:
+    """Each row's name on a figure: its labels after its model's ("+GRPO" alone is ambiguous)."""
+    names, group = [], ""
     for row, entry in zip(rows, spec["rows"], strict=True):
         if row.status == "section" or entry.get("baseline"):
-            group = row.labels[0]  # "+GRPO" alone is ambiguous: name its model too
-        job = by_name.get(row.job)
-        if job is not None and job.curves is not None:
-            label = " ".join(x for x in row.labels if x)
-            runs.append((label if row.labels[0] == group else f"{group} {label}".strip(), job))
+            group = row.labels[0]
+        label = " ".join(x for x in row.labels if x)
+        names.append(label if row.labels[0] == group else f"{group} {label}".strip())
+    return names
+
+
+def plot_curves(spec: dict, rows: Sequence[Row], path: Path) -> Path | None:
+    """Reward and KL of the table's GRPO runs on one figure; None when there is none."""
+    runs = [
+        (name + (f" seed {run.seed}" if len(row.runs) > 1 else ""), run.job.curves)
+        for name, row in zip(row_names(spec, rows), rows, strict=True)
+        for run in row.runs
+        if run.job.curves is not None
+    ]
     panels = [
-        Panel(f"{title} ({key})", "step", [(lb, *read_curve(job.curves, key)) for lb, job in runs])
+        Panel(f"{title} ({key})", "step", [(lb, *read_curve(log, key)) for lb, log in runs])
         for key, title in CURVES
     ]
     return draw(panels, path, spec["title"])
@@ -351,11 +354,16 @@ def report(
         spec, jobs = load_sweep_spec(name), read_wandb_group(source, project, entity)
         out_dir = Path(out) if out else Path.cwd()
     rows = build_rows(spec, jobs)
-    markdown = to_markdown(spec, rows)
+    names = row_names(spec, rows)
+    markdown = to_markdown(spec, rows) + science.sections(spec, rows, names)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / f"{name}.md").write_text(markdown)
-    (out_dir / f"{name}.csv").write_text(to_csv(spec, rows))
-    image = plot_curves(spec, rows, jobs, out_dir / f"{name}_curves.png")
+    (out_dir / f"{name}.csv").write_text(table_csv(spec, rows))
+    if any(row.runs for row in rows):
+        (out_dir / f"{name}_runs.csv").write_text(runs_csv(spec, rows))
+    random = _random_values(list(spec["columns"]), jobs)
+    science.plot_scores(spec, rows, names, random, out_dir / f"{name}_scores.png")
+    image = plot_curves(spec, rows, out_dir / f"{name}_curves.png")
     if wandb_log:
         log_to_wandb(spec, rows, name, project, image)
     return markdown

@@ -3,11 +3,20 @@
 from __future__ import annotations
 
 import doctest
+import math
 
 import pytest
 
 import hcm.stats
-from hcm.stats import difference_interval, wilson_interval
+from hcm.stats import (
+    T95,
+    Z95,
+    difference_interval,
+    mean_interval,
+    paired_interval,
+    t_quantile,
+    wilson_interval,
+)
 
 
 @pytest.mark.parametrize(
@@ -46,6 +55,74 @@ def test_difference_interval(k1, n1, k2, n2, delta, low, high):
     assert (round(d, 4), round(lo, 4), round(hi, 4)) == (delta, low, high)
 
 
+def _t_mass(q: float, dof: int, steps: int = 2000) -> float:
+    """P(0 < T < q) for Student's t with `dof` degrees of freedom, by Simpson's rule."""
+
+    norm = math.exp(math.lgamma((dof + 1) / 2) - math.lgamma(dof / 2)) / math.sqrt(dof * math.pi)
+
+    def density(t):
+        return norm * (1 + t * t / dof) ** (-(dof + 1) / 2)
+
+    h = q / steps
+    inner = sum((4 if i % 2 else 2) * density(i * h) for i in range(1, steps))
+    return (density(0) + inner + density(q)) * h / 3
+
+
+@pytest.mark.parametrize("dof", range(1, 31))
+def test_t_quantiles_leave_2_5_percent_in_each_tail(dof):
+    assert abs(_t_mass(T95[dof - 1], dof) - 0.475) < 2e-7
+    assert t_quantile(dof) == T95[dof - 1]
+
+
+def test_t_quantile_is_the_normal_beyond_the_table_and_needs_a_degree_of_freedom():
+    assert t_quantile(31) == t_quantile(1000) == Z95
+    with pytest.raises(ValueError, match="degree of freedom"):
+        t_quantile(0)
+
+
+@pytest.mark.parametrize(
+    ("values", "mean", "low", "high"),
+    [
+        # sd 2, se 2/sqrt(3) = 1.1547; t(2) = 4.302653: half-width 4.9683
+        ([44.0, 46.0, 48.0], 46.0, 41.0317, 50.9683),
+        # sd sqrt(2), se 1; t(1) = 12.706205
+        ([60.0, 62.0], 61.0, 48.2938, 73.7062),
+        ([50.0, 53.0, 53.0], 52.0, 47.6973, 56.3027),  # sd sqrt(3), se 1; t(2)
+        ([70.0, 70.0, 70.0, 70.0], 70.0, 70.0, 70.0),  # no spread, no width
+        # 32 values 0..31 (31 dof, beyond the table: z): sd sqrt(88), se 1.65831, half 3.2502
+        ([float(v) for v in range(32)], 15.5, 12.2498, 18.7502),
+    ],
+)
+def test_mean_interval(values, mean, low, high):
+    m, lo, hi = mean_interval(values)
+    assert (round(m, 4), round(lo, 4), round(hi, 4)) == (mean, low, high)
+
+
+def test_mean_interval_needs_two_values():
+    with pytest.raises(ValueError, match="at least 2"):
+        mean_interval([50.0])
+
+
+@pytest.mark.parametrize(
+    ("values", "base", "delta", "low", "high"),
+    [
+        # differences 6, 7, 5: sd 1, se 0.57735, half-width 2.4841. Unpaired, the spread of
+        # each side (sd 1.73 and 2) would give a far wider interval.
+        ([50.0, 53.0, 53.0], [44.0, 46.0, 48.0], 6.0, 3.5159, 8.4841),
+        ([62.0, 65.0, 66.0], [60.0, 62.0, 64.0], 2.3333, 0.8991, 3.7676),  # diffs 2, 3, 2
+        ([1.0, 2.0], [1.0, 2.0], 0.0, 0.0, 0.0),  # the same runs: no difference, no width
+    ],
+)
+def test_paired_interval(values, base, delta, low, high):
+    d, lo, hi = paired_interval(values, base)
+    assert (round(d, 4), round(lo, 4), round(hi, 4)) == (delta, low, high)
+
+
+def test_paired_interval_needs_pairs():
+    with pytest.raises(ValueError, match="paired"):
+        paired_interval([1.0, 2.0, 3.0], [1.0, 2.0])
+
+
 def test_doctests():
     failed, attempted = doctest.testmod(hcm.stats)
-    assert attempted >= 3 and failed == 0
+    assert attempted >= 6 and failed == 0

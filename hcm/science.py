@@ -1,0 +1,250 @@
+"""What a sweep's arms did beyond their headline score, read from the files each run left, and
+the figure of a table's scores per seed (`<table>_scores.png`).
+
+Made for a science sweep comparing arms (SFT, +GRPO, +DPA-GRPO, +HCM-GRPO, or Table 7's data
+compositions) over seeds; each section goes into the report's Markdown only when its data exists:
+- Per-dimension scores: `test/score/<dimension>` of each run's metrics.json, mean over seeds;
+  "n/a" where no held-out sample has the dimension (its count is 0). Left out when the table's
+  own columns show every dimension (Table 3).
+- Detection rate per defect family (the synthetic benchmark's `meta`; see `detection_counts`).
+  The test manifest is `<data.root>/<split>.jsonl`, its root taken from the `stage.json` of the
+  job's stages and accepted only if its sha256 is the one the evaluation recorded.
+- Zero-variance groups: the share of GRPO groups whose G rewards were all equal (no advantage,
+  no gradient), mean over the GRPO stage's logged steps (`train/zero_variance_groups`), then
+  over seeds. Hard-case mining exists to lower it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterable, Mapping, Sequence
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+from hcm.aggregate import Run
+from hcm.curves import Panel, Points, draw, read_curve
+from hcm.data.records import DIMENSIONS, NONE_ANSWER, manifest_hash
+from hcm.data.render import FAMILIES
+
+log = logging.getLogger(__name__)
+
+CLEAN = "clean"  # candidates without a defect: their rate is the share the answer kept
+REWARD = "train/reward/total"
+ZERO_VARIANCE = "train/zero_variance_groups"
+
+
+# -- pure ----------------------------------------------------------------------------------------
+def detection_counts(
+    predictions: Iterable[Mapping[str, Any]], candidates: Mapping[str, Sequence[Mapping]]
+) -> dict[str, list[int]]:
+    """Per defect family, [detected, candidates]: of the candidates carrying that family's
+    defect, how many the model's answer excluded. A candidate with defects of two families
+    counts for both. An invalid answer (`parsed` null) detects nothing; "N" excludes every
+    candidate. `clean` counts the defect-free candidates and how many the answer kept, so that
+    answering "N" everywhere cannot pass for detection.
+
+    `predictions` are predictions.jsonl rows, `candidates` each sample's `meta["candidates"]`
+    from the test manifest ({"letter": "A", "defects": [{"family": "floating", ...}]}).
+
+    >>> meta = {"s0": [{"letter": "A", "defects": [{"family": "floating"}]},
+    ...                {"letter": "B", "defects": []},
+    ...                {"letter": "C", "defects": [{"family": "floating"}, {"family": "colour"}]},
+    ...                {"letter": "D", "defects": []}]}
+    >>> detection_counts([{"id": "s0", "parsed": "BC"}], meta)
+    {'floating': [1, 2], 'clean': [1, 2], 'colour': [0, 1]}
+    >>> detection_counts([{"id": "s0", "parsed": None}], meta)["floating"]
+    [0, 2]
+    """
+    counts: dict[str, list[int]] = {}
+    for p in predictions:
+        if p["id"] not in candidates:
+            continue
+        parsed = p.get("parsed")
+        kept = set() if parsed in (None, NONE_ANSWER) else set(parsed)
+        for cand in candidates[p["id"]]:
+            families = {d["family"] for d in cand["defects"]}
+            kept_it = cand["letter"] in kept
+            for family in sorted(families) or [CLEAN]:
+                tally = counts.setdefault(family, [0, 0])
+                right = kept_it if family == CLEAN else parsed is not None and not kept_it
+                tally[0] += int(right)
+                tally[1] += 1
+    return counts
+
+
+def per_epoch(epochs: Sequence[float], values: Sequence[float]) -> dict[int, float]:
+    """The mean of the values logged in each epoch.
+
+    >>> per_epoch([0, 0, 1, 1, 1], [0.25, 0.75, 1.0, 0.5, 0.0])
+    {0: 0.5, 1: 0.5}
+    """
+    sums: dict[int, list[float]] = {}
+    for e, v in zip(epochs, values, strict=True):
+        sums.setdefault(int(e), []).append(v)
+    return {e: sum(vs) / len(vs) for e, vs in sums.items()}
+
+
+def mean_over_runs(curves: Sequence[Mapping[int, float]]) -> dict[int, float]:
+    """Each key's mean over the runs that have it.
+
+    >>> mean_over_runs([{0: 1.0, 1: 2.0}, {0: 3.0}])
+    {0: 2.0, 1: 2.0}
+    """
+    keys = sorted({k for c in curves for k in c})
+    return {k: sum(c[k] for c in curves if k in c) / sum(k in c for c in curves) for k in keys}
+
+
+def _mean(values: Sequence[float]) -> float | None:
+    return sum(values) / len(values) if values else None
+
+
+# -- reading a run's files -----------------------------------------------------------------------
+@cache
+def _candidates(path: Path, digest: str | None) -> dict[str, list] | None:
+    if not path.is_file() or (digest is not None and manifest_hash(path) != digest):
+        return None
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    metas = {r["id"]: (r.get("meta") or {}).get("candidates") for r in rows}
+    return {k: v for k, v in metas.items() if v} or None
+
+
+def manifest_candidates(run: Run) -> dict[str, list] | None:
+    """The candidates' defects of every sample of the run's test manifest, or None."""
+    split = run.payload.get("split")
+    if run.job.folder is None or not split:
+        return None
+    digest = (run.payload.get("manifest_hashes") or {}).get(split)
+    for marker in sorted((run.job.folder / "stages").glob("*/stage.json")):
+        config = json.loads(marker.read_text()).get("config") or {}
+        root = (config.get("data") or {}).get("root")
+        if root and (found := _candidates(Path(root) / f"{split}.jsonl", digest)) is not None:
+            return found
+    return None
+
+
+def run_detection(run: Run) -> dict[str, list[int]]:
+    """Per family (and `clean`), the run's `detection_counts`; {} without the files."""
+    predictions = None if run.folder is None else run.folder / "predictions.jsonl"
+    if predictions is None or not predictions.is_file():
+        return {}
+    candidates = manifest_candidates(run)
+    if candidates is None:
+        return {}
+    rows = [json.loads(line) for line in predictions.read_text().splitlines() if line.strip()]
+    return detection_counts(rows, candidates)
+
+
+def run_zero_variance(run: Run) -> float | None:
+    if run.job.curves is None:
+        return None
+    return _mean(read_curve(run.job.curves, ZERO_VARIANCE)[1])
+
+
+def run_reward(run: Run) -> dict[int, float]:
+    if run.job.curves is None:
+        return {}
+    return per_epoch(*read_curve(run.job.curves, REWARD, "epoch"))
+
+
+# -- the report's sections -----------------------------------------------------------------------
+def _table(head: Sequence[str], lines: Sequence[Sequence[str]]) -> str:
+    rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    return "\n".join(rows + ["| " + " | ".join(cells) + " |" for cells in lines]) + "\n"
+
+
+def _num(value: float | None, decimals: int) -> str:
+    return "n/a" if value is None else f"{value:.{decimals}f}"
+
+
+def dimension_section(rows, names, decimals: int) -> str:
+    lines = []
+    for name, row in zip(names, rows, strict=True):
+        cells = []
+        for d in DIMENSIONS:  # a dimension no held-out sample has scores 0: n/a instead
+            scored = [r.score(d) for r in row.runs if r.questions(d)]
+            cells.append(_num(_mean([s for s in scored if s is not None]), decimals))
+        if row.runs and any(r.score(d) is not None for r in row.runs for d in DIMENSIONS):
+            lines.append([name, *cells])
+    if not lines:
+        return ""
+    head = ["Row", *(d.replace("_", " ").title() for d in DIMENSIONS)]
+    note = "Per-dimension held-out scores, mean over seeds (n/a: no held-out sample has it)."
+    return f"\n**Scores per dimension**\n\n{_table(head, lines)}\n{note}\n"
+
+
+def family_section(rows, names, decimals: int) -> str:
+    counts = [[run_detection(r) for r in row.runs] for row in rows]
+    found = {f: n for per_row in counts for run in per_row for f, (_, n) in run.items()}
+    families = [f for f in (*FAMILIES, CLEAN) if f in found]
+    if not families:
+        return ""
+    lines = []
+    for name, per_row in zip(names, counts, strict=True):
+        if any(per_row):
+            rates = [[100 * run[f][0] / run[f][1] for run in per_row if f in run] for f in families]
+            lines.append([name, *(_num(_mean(r), decimals) for r in rates)])
+    head = ["Row", *(f"{f} (n={found[f]})" for f in families)]
+    note = (
+        "Detection rate: of the test candidates carrying a defect of that family (n of them), "
+        "the share (%) whose letter the model's parsed answer leaves out (an invalid answer "
+        "detects nothing); `clean`: of the defect-free candidates, the share it keeps. Mean over "
+        "seeds. Families belong to dimensions as in hcm.data.render.FAMILIES."
+    )
+    return f"\n**Detection rate per defect family**\n\n{_table(head, lines)}\n{note}\n"
+
+
+def zero_variance_section(rows, names, decimals: int) -> str:
+    lines = []
+    for name, row in zip(names, rows, strict=True):
+        shares = [s for r in row.runs if (s := run_zero_variance(r)) is not None]
+        if shares:
+            lines.append([name, _num(100 * _mean(shares), decimals), str(len(shares))])
+    if not lines:
+        return ""
+    head = ["Row", "Zero-variance groups (%)", "Seeds"]
+    note = (
+        "Share of GRPO groups whose G rewards were all equal (no advantage, no gradient): "
+        "mean over the GRPO stage's steps, then over seeds."
+    )
+    return f"\n**Zero-variance groups**\n\n{_table(head, lines)}\n{note}\n"
+
+
+def sections(spec: dict, rows: Sequence[Any], names: Sequence[str]) -> str:
+    """The Markdown sections that the runs' files support, after the table ("" for none)."""
+    decimals = int(spec.get("decimals", 2))
+    keep = [(n, r) for n, r in zip(names, rows, strict=True) if r.runs]
+    if not keep:
+        return ""
+    names, rows = [n for n, _ in keep], [r for _, r in keep]
+    text = ""
+    if not set(DIMENSIONS) <= set(spec["columns"]):
+        text += dimension_section(rows, names, decimals)
+    text += family_section(rows, names, decimals)
+    return text + zero_variance_section(rows, names, decimals)
+
+
+# -- the figure ----------------------------------------------------------------------------------
+def plot_scores(spec: dict, rows, names, random: Mapping, path: Path) -> Path | None:
+    """Each row's held-out score per seed with its mean and interval, the random baseline
+    dashed; and each row's GRPO reward per epoch, mean over seeds. None without any run."""
+    column = next(iter(spec["columns"]))
+    keep = [(n, r) for n, r in zip(names, rows, strict=True) if r.runs]
+    scores = Points(
+        f"held-out score ({spec['columns'][column]}): runs, mean, 95% interval\n"
+        "(t over seeds; Wilson for a single run)",
+        "score (%)",
+        [n for n, _ in keep],
+        [[s for run in r.runs if (s := run.score(column)) is not None] for _, r in keep],
+        [r.values.get(column) for _, r in keep],
+        [r.intervals.get(column) for _, r in keep],
+        ("random", random[column]) if random.get(column) is not None else None,
+    )
+    curves = []
+    for name, row in keep:
+        reward = mean_over_runs([c for run in row.runs if (c := run_reward(run))])
+        if reward:
+            curves.append((name, list(reward), list(reward.values())))
+    reward = Panel(f"GRPO reward ({REWARD}), mean over seeds", "epoch", curves)
+    return draw([scores, reward], path, spec["title"])

@@ -1,0 +1,292 @@
+"""hcm.report over seeds (hcm.aggregate) and its science sections (hcm.science), on hand-made
+multirun folders with known scores: means, t intervals, paired differences, the CSVs, the
+figure, per-dimension scores, detection rates per defect family and zero-variance groups."""
+
+from __future__ import annotations
+
+import csv
+import doctest
+import json
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+from test_report import make_job, make_multirun
+
+import hcm.aggregate
+import hcm.science
+from hcm.data.records import manifest_hash
+from hcm.report import report
+from hcm.science import detection_counts
+
+# Table 6's 1B rows over seeds; 2B rows one run each, as before. experiment -> {seed: score}
+SEEDED = {
+    "paper_cot_sft_1b": {0: 44.0, 1: 46.0, 2: 48.0},
+    "grpo_1b": {0: 50.0, 1: 53.0, 2: 53.0},  # per-seed differences 6, 7, 5
+    "dpa_grpo_1b": {0: 50.0},  # one run: its score alone, Wilson in the CSV
+    "hcm_1b": {0: 60.0, 1: 62.0},  # other seeds than the baseline's: no paired difference
+    "paper_cot_sft_2b": {None: 53.63},  # no seed override at all
+    "hcm_2b": {None: 64.74},
+}
+
+
+def seeded_table6(root: Path) -> Path:
+    root = make_multirun(root, "table6")
+    num = 0
+    for exp, scores in SEEDED.items():
+        for seed, score in scores.items():
+            overrides = [f"experiment={exp}", *([f"seed={seed}"] if seed is not None else [])]
+            metrics = {"overall": score, "count": 100}
+            make_job(root, num, {"experiment": exp}, overrides, {"eval": metrics})
+            num += 1
+    # a fourth grpo_1b seed that crashed: the row averages the three that finished
+    make_job(root, num, {"experiment": "grpo_1b"}, ["experiment=grpo_1b", "seed=3"])
+    return root
+
+
+def test_seeds_are_averaged_with_t_intervals_and_paired_deltas(tmp_path):
+    root = seeded_table6(tmp_path / "t6")
+    lines = report(str(root)).splitlines()
+    assert lines[2] == "| Models | Overall Score | Seeds |"
+    assert lines[4:13] == [
+        # mean 46, sd 2, se 1.1547, t(2) = 4.3027: half-width 4.97
+        "| InternVL3-1B-CoT | 46.00 ± 4.97 | 3 |",
+        # sd sqrt(3), se 1: 4.30; differences 6, 7, 5: sd 1, se 0.5774: 2.48
+        "| +GRPO | 52.00 ± 4.30 (+6.00 ± 2.48) | 3 |",
+        "| +DPA-GRPO | 50.00 (+4.00) | 1 |",  # one run: as before, no interval
+        # t(1) = 12.7062, se 1; seeds {0, 1} are not the baseline's {0, 1, 2}: unpaired, no ±
+        "| +HCM-GRPO | 61.00 ± 12.71 (+15.00) | 2 |",
+        "| InternVL3-2B-CoT | 53.63 | 1 |",
+        "| +GRPO | missing | - |",
+        "| +DPA-GRPO | missing | - |",
+        "| +HCM-GRPO | 64.74 (+11.11) | 1 |",
+        "",
+    ]
+    assert lines[13].startswith("Cells: mean over seeds ± half-width of its 95% Student-t")
+
+    table = list(csv.DictReader((root / "table6.csv").open()))
+    assert list(table[0]) == [
+        "Models", "overall", "overall_delta", "overall_lo", "overall_hi", "overall_delta_lo",
+        "overall_delta_hi", "overall_per_seed", "n_seeds", "seeds", "interval", "status", "job",
+    ]  # fmt: skip
+    base, grpo, dpa, hcm = table[:4]
+    assert (base["overall"], base["overall_lo"], base["overall_hi"]) == (
+        "46.0000", "41.0317", "50.9683"
+    )  # fmt: skip
+    assert base["overall_per_seed"] == "44.0000;46.0000;48.0000"
+    assert (base["n_seeds"], base["seeds"], base["interval"], base["job"]) == (
+        "3",
+        "0;1;2",
+        "t",
+        "0;1;2",
+    )
+    assert (grpo["overall_delta"], grpo["overall_delta_lo"], grpo["overall_delta_hi"]) == (
+        "6.0000", "3.5159", "8.4841"
+    )  # fmt: skip
+    assert (grpo["n_seeds"], grpo["seeds"], grpo["status"]) == ("3", "0;1;2", "ok")
+    # one run of 100 questions, 50 right: Wilson [0.4038, 0.5962] (tests/test_stats.py)
+    assert (dpa["overall_lo"][:5], dpa["overall_hi"][:5], dpa["interval"]) == (
+        "40.38",
+        "59.61",
+        "wilson",
+    )
+    assert (dpa["overall_delta"], dpa["overall_delta_lo"]) == ("4.0000", "")
+    assert (hcm["overall"], hcm["overall_delta"], hcm["overall_delta_lo"]) == (
+        "61.0000",
+        "15.0000",
+        "",
+    )
+
+    runs = list(csv.DictReader((root / "table6_runs.csv").open()))
+    assert [(r["Models"], r["seed"], r["overall"]) for r in runs[:4]] == [
+        ("InternVL3-1B-CoT", "0", "44.0000"),
+        ("InternVL3-1B-CoT", "1", "46.0000"),
+        ("InternVL3-1B-CoT", "2", "48.0000"),
+        ("+GRPO", "0", "50.0000"),
+    ]
+    assert len(runs) == 11
+    dpa_run = runs[6]
+    assert (dpa_run["stage"], dpa_run["overall_n"], dpa_run["overall_lo"][:5]) == (
+        "eval",
+        "100",
+        "40.38",
+    )
+    assert (root / "table6_scores.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_jobs_that_differ_in_more_than_their_seed_are_not_averaged(tmp_path, caplog):
+    root = make_multirun(tmp_path / "t6", "table6")
+    jobs = [  # the second one also changed beta: another experiment, not another seed
+        (["seed=0"], 50.0),
+        (["seed=1", "module.beta=0.1"], 70.0),
+        (["seed=1"], 54.0),
+    ]
+    for num, (overrides, score) in enumerate(jobs):
+        overrides = ["experiment=grpo_1b", *overrides]
+        make_job(root, num, {"experiment": "grpo_1b"}, overrides, {"eval": {"overall": score}})
+    lines = report(str(root)).splitlines()
+    assert "| +GRPO | 52.00 ± 25.41 | 2 |" in lines  # 50 and 54: se 2, t(1) 12.706
+    assert "row ['+GRPO']: 3 jobs match; using jobs ['0', '2']" in caplog.text
+
+
+# -- science sections --------------------------------------------------------------------------
+ARMS = {
+    "title": "Arms",
+    "label_columns": ["Arm"],
+    "columns": {"overall": "Overall"},
+    "decimals": 1,
+    "delta": True,
+    "rows": [
+        {"labels": ["SFT"], "match": {"experiment": "cpu_sft"}, "baseline": True},
+        {"labels": ["+HCM-GRPO"], "match": {"experiment": "cpu_hcm"}},
+    ],
+}
+# one test sample; candidates A (floating), B (clean), C (floating + extra_object), D (clean)
+CANDIDATES = [
+    {"letter": "A", "defects": [{"family": "floating", "dimension": "placement_layout"}]},
+    {"letter": "B", "defects": []},
+    {
+        "letter": "C",
+        "defects": [
+            {"family": "floating", "dimension": "placement_layout"},
+            {"family": "extra_object", "dimension": "extension_rationality"},
+        ],
+    },
+    {"letter": "D", "defects": []},
+]
+
+
+def science_run(tmp_path: Path, digest_ok: bool = True) -> Path:
+    data = tmp_path / "data"
+    data.mkdir()
+    manifest = data / "test.jsonl"
+    manifest.write_text(json.dumps({"id": "s0", "meta": {"candidates": CANDIDATES}}) + "\n")
+    digest = manifest_hash(manifest) if digest_ok else "0" * 64
+    root = tmp_path / "multirun"
+    root.mkdir()
+    (root / "multirun.yaml").write_text(OmegaConf.to_yaml({"task_name": "arms", "report": ARMS}))
+    # experiment -> per seed: (overall, physical_shadow, parsed answer, zero-variance per step)
+    arms = {
+        "cpu_sft": [(40.0, 30.0, None, None), (50.0, 40.0, "N", None)],
+        "cpu_hcm": [(70.0, 60.0, "BC", [0.5, 0.25, 0.0, 0.25]), (80.0, 80.0, "B", [0.5, 0.5])],
+    }
+    num = 0
+    for exp, seeds in arms.items():
+        for seed, (overall, shadow, parsed, zero_var) in enumerate(seeds):
+            metrics = {
+                "overall": overall,
+                "count": 100,
+                "physical_shadow": shadow,
+                "count/physical_shadow": 50,
+                "appearance_deformation": 0.0,  # what the metric writes for no sample
+                "count/appearance_deformation": 0,
+                "random_baseline": 34.5,
+            }
+            job = make_job(root, num, {"experiment": exp}, [f"experiment={exp}", f"seed={seed}"])
+            num += 1
+            evals = job / "stages" / "eval"
+            evals.mkdir(parents=True)
+            payload = {
+                "metrics": {f"test/score/{k}": v for k, v in metrics.items()},
+                "split": "test",
+                "manifest_hashes": {"test": digest},
+            }
+            (evals / "metrics.json").write_text(json.dumps(payload))
+            (evals / "predictions.jsonl").write_text(json.dumps({"id": "s0", "parsed": parsed}))
+            sft = job / "stages" / "sft"
+            sft.mkdir()
+            config = {"config": {"data": {"root": str(data)}}}
+            (sft / "stage.json").write_text(json.dumps(config))
+            if zero_var is not None:  # the GRPO stage's log: two steps an epoch
+                log = job / "stages" / "grpo" / "csv"
+                log.mkdir(parents=True)
+                lines = ["epoch,step,train/reward/total,train/zero_variance_groups"]
+                lines += [f"{i // 2},{i},{0.1 * i},{z}" for i, z in enumerate(zero_var)]
+                (log / "metrics.csv").write_text("\n".join(lines) + "\n")
+    return root
+
+
+def test_science_sections_per_dimension_family_and_zero_variance(tmp_path):
+    root = science_run(tmp_path)
+    text = report(str(root))
+    assert text.split("\n\n")[1:] == [
+        "| Arm | Overall | Seeds |\n|---|---|---|\n"
+        "| SFT | 45.0 ± 63.5 | 2 |\n"  # sd 7.07, se 5, t(1) 12.706
+        "| +HCM-GRPO | 75.0 ± 63.5 (+30.0 ± 0.0) | 2 |",  # differences 30, 30
+        hcm.aggregate.CAPTION,
+        "**Scores per dimension**",
+        "| Row | Appearance Deformation | Physical Shadow | Placement Layout | "
+        "Extension Rationality |\n|---|---|---|---|---|\n"
+        "| SFT | n/a | 35.0 | n/a | n/a |\n"
+        "| SFT +HCM-GRPO | n/a | 70.0 | n/a | n/a |",
+        "Per-dimension held-out scores, mean over seeds (n/a: no held-out sample has it).",
+        "**Detection rate per defect family**",
+        "| Row | floating (n=2) | extra_object (n=1) | clean (n=2) |\n|---|---|---|---|\n"
+        # SFT: seed 0 invalid (nothing detected, nothing kept), seed 1 "N" (all excluded)
+        "| SFT | 50.0 | 50.0 | 0.0 |\n"
+        # seed 0 "BC": A excluded (1 of 2 floating), C kept; seed 1 "B": A, C excluded;
+        # both keep B and drop D (1 of 2 clean)
+        "| SFT +HCM-GRPO | 75.0 | 50.0 | 50.0 |",
+        text.split("\n\n")[8],  # the definition, checked below
+        "**Zero-variance groups**",
+        "| Row | Zero-variance groups (%) | Seeds |\n|---|---|---|\n"
+        "| SFT +HCM-GRPO | 37.5 | 2 |",  # step means 0.25 and 0.5
+        text.split("\n\n")[-1],
+    ]
+    assert "leaves out" in text.split("\n\n")[8]
+    assert (root / "arms.md").read_text() == text
+    assert (root / "arms_scores.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_a_manifest_of_other_data_gives_no_detection_rates(tmp_path):
+    text = report(str(science_run(tmp_path, digest_ok=False)))
+    assert "**Scores per dimension**" in text
+    assert "Detection rate" not in text
+
+
+def test_reward_per_epoch_is_averaged_over_seeds(tmp_path):
+    root = science_run(tmp_path)
+    from hcm.report import build_rows, read_multirun
+
+    spec, _, jobs = read_multirun(root)
+    hcm_row = build_rows(spec, jobs)[1]
+    # seed 0: epochs 0 (0.0, 0.1) and 1 (0.2, 0.3); seed 1: epoch 0 (0.0, 0.1)
+    curves = [hcm.science.run_reward(run) for run in hcm_row.runs]
+    mean = hcm.science.mean_over_runs(curves)
+    assert {k: round(v, 4) for k, v in mean.items()} == {0: 0.05, 1: 0.25}
+
+
+@pytest.mark.parametrize(
+    ("parsed", "expected"),
+    [
+        ("BD", {"floating": [2, 2], "extra_object": [1, 1], "clean": [2, 2]}),  # all right
+        ("ABCD", {"floating": [0, 2], "extra_object": [0, 1], "clean": [2, 2]}),  # keeps all
+        ("N", {"floating": [2, 2], "extra_object": [1, 1], "clean": [0, 2]}),  # excludes all
+        (None, {"floating": [0, 2], "extra_object": [0, 1], "clean": [0, 2]}),  # invalid
+        ("C", {"floating": [1, 2], "extra_object": [0, 1], "clean": [0, 2]}),
+    ],
+)
+def test_detection_counts(parsed, expected):
+    counts = detection_counts([{"id": "s0", "parsed": parsed}], {"s0": CANDIDATES})
+    assert counts == expected
+    assert detection_counts([{"id": "other", "parsed": "A"}], {"s0": CANDIDATES}) == {}
+
+
+def test_doctests():
+    for module, least in ((hcm.science, 5), (hcm.aggregate, 1)):
+        failed, attempted = doctest.testmod(module)
+        assert attempted >= least and failed == 0
+
+
+def test_a_grpo_run_split_in_two_stages_reads_as_one_curve(tmp_path):
+    """grpo_all logs the epochs before the switch, grpo (continue_from) the rest: one curve."""
+    from hcm.curves import read_curve
+
+    first, rest = tmp_path / "grpo_all.csv", tmp_path / "grpo.csv"
+    first.write_text("epoch,step,train/reward/total\n0,0,0.1\n0,1,0.2\n1,2,0.3\n")
+    rest.write_text("epoch,step,train/reward/total\n2,3,0.5\n2,4,0.6\n")
+    assert read_curve([rest, first], "train/reward/total") == (
+        [0.0, 1.0, 2.0, 3.0, 4.0],
+        [0.1, 0.2, 0.3, 0.5, 0.6],
+    )
+    assert read_curve(first, "train/reward/total", "epoch")[0] == [0.0, 0.0, 1.0]
