@@ -49,7 +49,7 @@ HARMLESS_WARNINGS: dict[tuple[type[Warning], str], str] = {
         "GRPO's checkpoint after its optimizer step is the state a resume needs"
     ),
     (Warning, r"Experiment logs directory .* exists and is not empty"): (
-        "a rerun's CSV logger: hcm.train.keep_csv has kept the earlier metrics.csv beside it"
+        "a rerun's CSV logger: hcm.runtime.keep_csv has kept the earlier metrics.csv beside it"
     ),
 }
 # logger name -> starts of the INFO lines it writes that say nothing about this run
