@@ -32,7 +32,7 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from hcm.data.records import atomic_write_text
+from hcm.files import atomic_write_text
 
 log = logging.getLogger(__name__)
 

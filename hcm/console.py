@@ -21,6 +21,14 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from hydra.core.hydra_config import HydraConfig
+from hydra.errors import InstantiationException
+from hydra.types import RunMode
+from lightning.fabric.utilities.exceptions import MisconfigurationException
+
+from hcm.api_eval import ApiError
+from hcm.checkpoints import CheckpointError
+
 FULL_ERROR_ENV = "HYDRA_FULL_ERROR"
 EXIT_USER_ERROR = 2  # as argparse exits on a bad argument
 PACKAGE_DIR = Path(__file__).resolve().parent
@@ -45,7 +53,7 @@ HARMLESS_WARNINGS: dict[tuple[type[Warning], str], str] = {
         "checkpoint and writes its own; it keeps no best-k state to reload"
     ),
     (Warning, r"Experiment logs directory .* exists and is not empty"): (
-        "a rerun's CSV logger: hcm.train.keep_csv has kept the earlier metrics.csv beside it"
+        "a rerun's CSV logger: hcm.runtime.keep_csv has kept the earlier metrics.csv beside it"
     ),
 }
 # logger name -> starts of the INFO lines it writes that say nothing about this run
@@ -97,12 +105,6 @@ def _raised_in_project(exc: BaseException) -> bool:
 def user_error(exc: BaseException) -> BaseException | None:
     """The error meant for the user inside `exc` (also behind Hydra's instantiate wrapper), None
     when `exc` is a bug or a library's failure that needs its traceback."""
-    from hydra.errors import InstantiationException
-    from lightning.fabric.utilities.exceptions import MisconfigurationException
-
-    from hcm.api_eval import ApiError
-    from hcm.checkpoints import CheckpointError
-
     while isinstance(exc, InstantiationException) and exc.__cause__ is not None:
         exc = exc.__cause__
     if isinstance(exc, MisconfigurationException):  # Lightning's "bad Trainer argument"
@@ -116,9 +118,6 @@ def full_error() -> bool:
 
 
 def _multirun() -> bool:
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
-
     return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
 

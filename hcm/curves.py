@@ -76,7 +76,7 @@ def draw(panels: Sequence[Panel | Points], path: Path, title: str) -> Path | Non
     panels = [p for p in panels if any(y for _, _, y in p.series)]
     if not panels:
         return None
-    try:
+    try:  # optional dependency: without matplotlib, no curves
         import matplotlib
 
         matplotlib.use("Agg")  # no display needed: a file only

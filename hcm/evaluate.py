@@ -18,12 +18,13 @@ from hydra.utils import instantiate
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, open_dict
 
+from hcm.api_eval import evaluate_api
 from hcm.checkpoints import check_checkpoint
 from hcm.config import validate
-from hcm.data.records import atomic_write_text
+from hcm.files import atomic_write_text
 from hcm.modules.base import ScreeningModule
 from hcm.predictions import publish
-from hcm.train import finish_loggers, make_loggers, resolve_precision
+from hcm.runtime import finish_loggers, make_loggers, resolve_precision
 
 log = logging.getLogger(__name__)
 
@@ -42,8 +43,6 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     loggers = make_loggers(cfg)
     try:
         if cfg.model.get("api"):  # an OpenAI-compatible endpoint answers (Table 3's API models)
-            from hcm.api_eval import evaluate_api
-
             results, metric, predictions = evaluate_api(cfg, datamodule, loggers)
         else:
             module = ScreeningModule(model=cfg.model, eval_generation=dict(cfg.generation))

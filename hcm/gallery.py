@@ -22,6 +22,7 @@ import argparse
 import base64
 import hashlib
 import html
+import io
 import json
 import logging
 import os
@@ -29,7 +30,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from hcm.data.records import DIMENSIONS, OPTIONS, atomic_write_bytes, atomic_write_text
+from hcm.data.images import load_image
+from hcm.files import atomic_write_bytes, atomic_write_text
+from hcm.screening import DIMENSIONS, OPTIONS
 
 log = logging.getLogger(__name__)
 
@@ -60,8 +63,6 @@ def locate(folder: Path, ref: object, roots: Sequence[Path]) -> Path:
 
 def save_thumbnail(image: Any, dest: Path) -> None:
     """A PIL image shrunk to THUMB_PX a side, written atomically as JPEG."""
-    import io
-
     small = image.convert("RGB")
     small.thumbnail((THUMB_PX, THUMB_PX))
     buffer = io.BytesIO()
@@ -71,8 +72,6 @@ def save_thumbnail(image: Any, dest: Path) -> None:
 
 def thumbnail_of(source: Path, thumbs: Path) -> Path:
     """The thumbnail of an image file, made on first use; a source inside `thumbs` is one."""
-    from hcm.data.images import load_image
-
     if source.is_relative_to(thumbs.resolve()):
         return source
     stat = source.stat()
@@ -321,7 +320,7 @@ def log_table(loggers: Sequence[Any], key: str, rows: Sequence[dict], cells, fol
     loggers = [lg for lg in loggers if hasattr(lg, "log_table")]
     if not loggers:
         return
-    import wandb
+    import wandb  # optional heavy dependency: only runs with a W&B logger get here
 
     width = max((len(c) for c in cells), default=0)
     names = list(SCREENING_CAPTIONS) if width == len(SCREENING_CAPTIONS) else []

@@ -34,7 +34,7 @@ import torch
 from tqdm.auto import tqdm
 
 from hcm.data.hard_cases import HardCaseSet, classify
-from hcm.data.records import manifest_hash
+from hcm.data.manifest import manifest_hash
 from hcm.predictions import gather_rows, publish
 
 log = logging.getLogger(__name__)

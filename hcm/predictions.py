@@ -36,7 +36,8 @@ from typing import Any
 
 import torch
 
-from hcm.data.records import atomic_write_text
+from hcm.data.images import decode_image
+from hcm.files import atomic_write_text
 from hcm.gallery import PREDICTIONS, THUMBS, log_table, save_thumbnail, write_gallery
 
 log = logging.getLogger(__name__)
@@ -61,8 +62,6 @@ def image_refs(record: Any, folder: Path) -> list[str]:
     refs = []
     for k, image in enumerate(record.images):
         if isinstance(image, bytes):
-            from hcm.data.images import decode_image
-
             name = hashlib.sha256(image).hexdigest()[:24] + ".jpg"
             dest = folder / THUMBS / name
             if not dest.is_file():

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from hcm.data.records import OPTIONS
+from hcm.screening import OPTIONS
 
 IMAGE_PLACEHOLDER = "<image>"
 LAYOUTS = ("grid", "separate")

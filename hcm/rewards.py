@@ -11,7 +11,8 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from hcm.answers import extract_answer, is_acceptable
+from hcm.choice import is_correct
+from hcm.screening import extract_answer, is_acceptable
 
 # Whitespace may surround and separate the two blocks; nothing else may stand outside them.
 _FORMAT = re.compile(r"\s*<think>.*?</think>\s*<answer>.*?</answer>\s*", re.DOTALL)
@@ -55,8 +56,6 @@ def choice_reward(completion: str, answer: str) -> float:
     >>> choice_reward("<answer>(B)</answer>", "B")
     1.0
     """
-    from hcm.benchmarks.answers import is_correct
-
     return 1.0 if is_correct(completion, answer) else 0.0
 
 

@@ -25,8 +25,9 @@ from typing import Any
 
 from hcm.aggregate import Run
 from hcm.curves import Panel, Points, draw, read_curve
-from hcm.data.records import DIMENSIONS, NONE_ANSWER, manifest_hash
-from hcm.data.render import FAMILIES
+from hcm.data.manifest import manifest_hash
+from hcm.data.synthetic.render import FAMILIES
+from hcm.screening import DIMENSIONS, NONE_ANSWER
 
 log = logging.getLogger(__name__)
 
@@ -190,7 +191,7 @@ def family_section(rows, names, decimals: int) -> str:
         "Detection rate: of the test candidates carrying a defect of that family (n of them), "
         "the share (%) whose letter the model's parsed answer leaves out (an invalid answer "
         "detects nothing); `clean`: of the defect-free candidates, the share it keeps. Mean over "
-        "seeds. Families belong to dimensions as in hcm.data.render.FAMILIES."
+        "seeds. Families belong to dimensions as in hcm.data.synthetic.render.FAMILIES."
     )
     return f"\n**Detection rate per defect family**\n\n{_table(head, lines)}\n{note}\n"
 

@@ -32,7 +32,7 @@ from hcm.checkpoints import (
     remove_temporaries,
 )
 from hcm.config import ConfigError
-from hcm.data.records import atomic_write_text
+from hcm.files import atomic_write_text
 
 log = logging.getLogger(__name__)
 

@@ -25,8 +25,9 @@ from typing import Any
 
 from hcm.curves import Panel, draw, read_curve
 from hcm.data.hard_cases import HardCaseSet
-from hcm.data.records import DIMENSIONS, atomic_write_text
-from hcm.metrics import HEADERS
+from hcm.files import atomic_write_text
+from hcm.screening import DIMENSIONS
+from hcm.screening_score import HEADERS
 from hcm.stats import difference_interval, wilson_interval
 
 log = logging.getLogger(__name__)

@@ -9,13 +9,10 @@ skips stages whose `stage.json` says they finished with the same config: a rerun
 from __future__ import annotations
 
 import logging
-import os
-import time
 from pathlib import Path
 from typing import Any
 
 import lightning as L
-import torch
 from hydra.utils import instantiate
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf, open_dict
@@ -23,61 +20,12 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from hcm import stages
 from hcm.config import ConfigError, validate
 from hcm.console import banner
+from hcm.evaluate import evaluate
+from hcm.model.loading import load_image_processor
+from hcm.runtime import finish_loggers, make_callbacks, make_loggers, resolve_precision
 from hcm.summary import write_summary
 
 log = logging.getLogger(__name__)
-
-
-def resolve_precision(cfg: DictConfig) -> None:
-    if cfg.trainer.get("precision") == "auto":
-        with open_dict(cfg):
-            cfg.trainer.precision = "bf16-mixed" if torch.cuda.is_available() else "32-true"
-
-
-def make_loggers(cfg: DictConfig) -> list:
-    loggers = []
-    for c in (cfg.get("logger") or {}).values():
-        if not c:
-            continue
-        if str(c.get("_target_")).endswith("WandbLogger") and wandb_disabled():
-            # WandbLogger's offline mode would overwrite WANDB_MODE and write an offline run
-            log.info("WANDB_MODE=disabled: no W&B logger")
-            continue
-        loggers.append(instantiate(c))
-    for lg in loggers:
-        if type(lg).__name__ == "CSVLogger":
-            keep_csv(Path(lg.log_dir))
-    return loggers
-
-
-def wandb_disabled() -> bool:
-    return os.environ.get("WANDB_MODE", "").lower() == "disabled"
-
-
-def keep_csv(folder: Path) -> None:
-    """Lightning's CSVLogger deletes an existing metrics.csv: a rerun (a resume) would lose the
-    first run's rows. Keep them as metrics-<time>.csv beside the new file."""
-    old = folder / "metrics.csv"
-    if old.is_file() and rank_zero_only.rank == 0:  # DDP: every rank makes its loggers
-        stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(old.stat().st_mtime))
-        kept, n = folder / f"metrics-{stamp}.csv", 1
-        while kept.exists():
-            kept, n = folder / f"metrics-{stamp}-{n}.csv", n + 1
-        old.rename(kept)
-        log.info("kept the earlier run's %s as %s", old, kept.name)
-
-
-def make_callbacks(cfg: DictConfig) -> list:
-    return [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c]
-
-
-def finish_loggers(loggers: list) -> None:
-    """Close W&B runs so that multirun jobs never share one."""
-    for lg in loggers:
-        if type(lg).__name__ == "WandbLogger":
-            import wandb
-
-            wandb.finish()
 
 
 def metrics_of(trainer: L.Trainer) -> dict[str, float]:
@@ -105,8 +53,6 @@ def run_stage(cfg: DictConfig) -> dict[str, Any]:
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
         metrics = metrics_of(trainer)
         if trainer.is_global_zero:
-            from hcm.model.loading import load_image_processor
-
             model_dir = stages.export_model(
                 module.model,
                 module.tokenizer,
@@ -223,8 +169,6 @@ def run_pipeline(cfg: DictConfig) -> dict[str, Any]:
 
 def run_eval_stage(cfg: DictConfig) -> dict[str, Any]:
     """A pipeline's evaluation, skipped when its folder holds this config's results."""
-    from hcm.evaluate import evaluate
-
     key, done = stages.previous_run(cfg)  # before evaluate resolves values in cfg
     if done is not None:
         return done

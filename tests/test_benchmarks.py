@@ -12,11 +12,11 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from hcm.benchmarks.answers import extract_choice, is_correct, normalize
-from hcm.benchmarks.metric import BenchmarkAccuracy
+from hcm.benchmarks.accuracy import BenchmarkAccuracy
 from hcm.benchmarks.readers import BLINK_SUBTASKS, read_blink, read_muirbench, read_realworldqa
 from hcm.benchmarks.sources import SourceNotFoundError
 from hcm.benchmarks.split import stratified_split
+from hcm.choice import extract_choice, is_correct, normalize
 from hcm.rewards import choice_reward
 
 IMAGE = pa.struct([("bytes", pa.binary()), ("path", pa.string())])

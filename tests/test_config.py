@@ -27,6 +27,7 @@ from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf
 
 import hcm.evaluate
+import hcm.runtime
 import hcm.train
 from hcm.config import ATTN_NAMES, DTYPE_NAMES, ConfigError, validate
 from hcm.model import loading
@@ -44,6 +45,7 @@ def no_instantiate(monkeypatch):
 
     monkeypatch.setattr(hcm.train, "instantiate", forbidden)
     monkeypatch.setattr(hcm.evaluate, "instantiate", forbidden)
+    monkeypatch.setattr(hcm.runtime, "instantiate", forbidden)
     monkeypatch.setattr(hcm.train.stages, "finished", forbidden)
 
 

@@ -15,7 +15,7 @@ from omegaconf import OmegaConf
 
 from hcm.config import ConfigError
 from hcm.data.hard_cases import HardCaseSet
-from hcm.data.records import DIMENSIONS
+from hcm.screening import DIMENSIONS
 from hcm.stats import wilson_interval
 from hcm.train import compose_stages, train
 

@@ -41,10 +41,10 @@ from helpers import make_screening_root
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from hcm.data import records as records_mod
+from hcm.data import manifest as manifest_mod
 from hcm.data.datasets import SampleDataset
 from hcm.data.images import ImageError, decode_image, load_image, load_sample, probe_image
-from hcm.data.records import ManifestError, load_manifest
+from hcm.data.manifest import ManifestError, load_manifest
 
 
 def make_root(root: Path, n: int = 2) -> list[dict]:
@@ -85,7 +85,7 @@ def noisy(mode: str = "RGB", size: int = 64) -> Image.Image:
 def test_huge_line_is_refused_in_bounded_reads_and_the_next_line_loads(
     tmp_path, monkeypatch, final_newline
 ):
-    monkeypatch.setattr(records_mod, "MAX_LINE_BYTES", 1000)
+    monkeypatch.setattr(manifest_mod, "MAX_LINE_BYTES", 1000)
     rows = make_root(tmp_path)
     huge = b'{"id": "' + b"x" * 5000 + b'"}' + (b"\n" if final_newline else b"")
     lines = [rows[0], huge, rows[1]] if final_newline else [rows[0], rows[1], huge]
@@ -106,7 +106,7 @@ def test_lines_never_reads_more_than_the_limit_at_once():
             return super().readline(size)
 
     f = Recording(b"ok\n" + b"y" * 10_000 + b"\nlast")
-    assert list(records_mod._lines(f, 100)) == [(b"ok\n", 3), (None, 10_001), (b"last", 4)]
+    assert list(manifest_mod._lines(f, 100)) == [(b"ok\n", 3), (None, 10_001), (b"last", 4)]
     assert sizes and all(0 < s <= 101 for s in sizes)
 
 

@@ -10,8 +10,8 @@ import torch
 import yaml
 from PIL import Image
 
+from hcm.data.messages import make_grid, screening_messages
 from hcm.data.records import ScreeningSample
-from hcm.model.chat import make_grid, screening_messages
 from hcm.model.inputs import IGNORE_INDEX, InputBuilder, repeat_batch
 from hcm.model.loading import load_image_processor
 

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from hcm.metrics import ScreeningScore
+from hcm.screening_score import ScreeningScore
 
 
 def cot(answer: str) -> str:

@@ -7,14 +7,9 @@ import pytest
 from helpers import make_screening_root
 from PIL import Image
 
-from hcm.data.records import (
-    ManifestError,
-    ScreeningRecord,
-    canonical_answer,
-    load_manifest,
-    manifest_hash,
-    write_manifest,
-)
+from hcm.data.manifest import ManifestError, load_manifest, manifest_hash, write_manifest
+from hcm.data.records import ScreeningRecord
+from hcm.screening import canonical_answer
 
 
 def make_root(tmp_path: Path, n: int = 2) -> list[dict]:

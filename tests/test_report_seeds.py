@@ -15,7 +15,7 @@ from test_report import make_job, make_multirun
 
 import hcm.aggregate
 import hcm.science
-from hcm.data.records import manifest_hash
+from hcm.data.manifest import manifest_hash
 from hcm.report import report
 from hcm.science import detection_counts
 

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from hcm.answers import extract_answer, is_acceptable, parse_options
 from hcm.rewards import accuracy_reward, dpa_reward, format_reward, score
+from hcm.screening import extract_answer, is_acceptable, parse_options
 
 
 @pytest.mark.parametrize(

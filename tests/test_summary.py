@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from hcm.data.records import DIMENSIONS
+from hcm.screening import DIMENSIONS
 from hcm.stats import difference_interval, wilson_interval
 from hcm.summary import curve_panels, read_stage, to_markdown, write_summary
 

@@ -18,9 +18,21 @@ import yaml
 from PIL import Image
 
 from hcm.data import synthetic as syn
-from hcm.data import synthetic_text as syn_text
-from hcm.data.records import DIMENSIONS, OPTIONS, SPLITS, load_manifest
-from hcm.data.render import FAMILIES, SUN, render_candidate, render_original, shade, shadow_color
+from hcm.data.manifest import load_manifest
+from hcm.data.records import SPLITS
+from hcm.data.synthetic import dataset as syn_dataset
+from hcm.data.synthetic import text as syn_text
+from hcm.data.synthetic.render import (
+    FAMILIES,
+    SUN,
+    render_candidate,
+    render_original,
+    shade,
+    shadow_color,
+)
+from hcm.data.synthetic.sample import answer_of, dimensions_of, split_view
+from hcm.data.synthetic.scene import make_defect, sample_meta
+from hcm.screening import DIMENSIONS, OPTIONS
 
 REPO = Path(__file__).resolve().parents[1]
 SIZE = 112
@@ -47,7 +59,7 @@ def scene(**kw):
 
 
 def defect(family, p, sc, strength=0.7, **override):
-    d = syn.make_defect(family, np.random.default_rng(0), strength, p, sc)
+    d = make_defect(family, np.random.default_rng(0), strength, p, sc)
     d["params"] |= override
     return d
 
@@ -270,7 +282,7 @@ def test_every_sampled_defect_is_visible():
     cfg = syn.SyntheticConfig()
     seen = set()
     for i in range(40):
-        meta = syn.sample_meta(cfg, 0, "test", i)
+        meta = sample_meta(cfg, 0, "test", i)
         for c in meta["candidates"]:
             if c["defects"]:
                 clean = render_candidate(meta["product"], c["scene"], [], 64)
@@ -287,22 +299,22 @@ def test_answer_and_dimensions_follow_the_metadata():
     cfg = syn.SyntheticConfig()
     for i in range(50):
         s = syn.generate_sample(cfg, 1, "test", i) if i < 5 else None
-        meta = s.meta if s else syn.sample_meta(cfg, 1, "test", i)
+        meta = s.meta if s else sample_meta(cfg, 1, "test", i)
         clean = [c["letter"] for c in meta["candidates"] if not c["defects"]]
         dims = {d["dimension"] for c in meta["candidates"] for d in c["defects"]}
-        assert syn.answer_of(meta) == ("".join(clean) or "N")
-        assert syn.dimensions_of(meta) == tuple(sorted(dims))
+        assert answer_of(meta) == ("".join(clean) or "N")
+        assert dimensions_of(meta) == tuple(sorted(dims))
         assert set(dims) <= set(DIMENSIONS)
         for c in meta["candidates"]:  # one family per dimension
             assert len({d["dimension"] for d in c["defects"]}) == len(c["defects"]) <= 2
         if s:
-            assert (s.answer, s.dimensions) == (syn.answer_of(meta), syn.dimensions_of(meta))
+            assert (s.answer, s.dimensions) == (answer_of(meta), dimensions_of(meta))
             json.dumps(s.meta)
 
 
 def test_mean_answer_length_matches_the_paper():
     cfg = syn.SyntheticConfig()
-    lengths = [len(syn.answer_of(syn.sample_meta(cfg, 0, "test", i))) for i in range(1000)]
+    lengths = [len(answer_of(sample_meta(cfg, 0, "test", i))) for i in range(1000)]
     expected = 4 * cfg.p_clean + (1 - cfg.p_clean) ** 4
     assert abs(expected - 1.7136) < 0.01
     assert abs(np.mean(lengths) - 1.7136) < 0.1
@@ -313,19 +325,19 @@ def test_weak_cot_accuracy_is_as_configured(accuracy):
     cfg = syn.SyntheticConfig(weak_cot_accuracy=accuracy)
     hits = 0
     for i in range(800):
-        meta = syn.sample_meta(cfg, 0, "pseudo_label", i)
-        weak = COT_RE.fullmatch(syn.weak_cot_text(meta))
-        hits += weak.group(5) == syn.answer_of(meta)
-        assert (weak.group(5) == syn.answer_of(meta)) == meta["weak"]["correct"]
+        meta = sample_meta(cfg, 0, "pseudo_label", i)
+        weak = COT_RE.fullmatch(syn_text.weak_cot_text(meta))
+        hits += weak.group(5) == answer_of(meta)
+        assert (weak.group(5) == answer_of(meta)) == meta["weak"]["correct"]
     assert abs(hits / 800 - accuracy) < 0.05
 
 
 def test_answer_cot_has_the_paper_format_and_names_the_real_defects():
     cfg = syn.SyntheticConfig()
     for i in range(30):
-        meta = syn.sample_meta(cfg, 2, "train", i)
+        meta = sample_meta(cfg, 2, "train", i)
         m = COT_RE.fullmatch(syn_text.cot_text(meta))
-        assert m and m.group(5) == m.group(6) == syn.answer_of(meta)
+        assert m and m.group(5) == m.group(6) == answer_of(meta)
         for k, c in enumerate(meta["candidates"]):
             says_ok = "matches the original" in m.group(k + 1)
             assert says_ok == (not c["defects"])
@@ -399,8 +411,8 @@ def test_text_style_is_checked():
 
 def test_split_view_keeps_the_fields_of_table_1():
     s = syn.generate_sample(syn.SyntheticConfig(image_size=48), 0, "x", 0)
-    train, test = syn.split_view(s, "train"), syn.split_view(s, "test")
-    pseudo, explore = syn.split_view(s, "pseudo_label"), syn.split_view(s, "exploration")
+    train, test = split_view(s, "train"), split_view(s, "test")
+    pseudo, explore = split_view(s, "pseudo_label"), split_view(s, "exploration")
     assert train.answer and train.answer_cot and train.caption and not train.dimensions
     assert test.answer and test.caption is None and test.answer_cot is None
     assert (
@@ -451,10 +463,10 @@ def test_write_dataset_round_trips_through_load_manifest(tmp_path, monkeypatch):
     def boom(*args, **kwargs):
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(syn, "write_manifest", boom)
+    monkeypatch.setattr(syn_dataset, "write_manifest", boom)
     with pytest.raises(RuntimeError):
         syn.write_dataset(tmp_path, sizes, cfg, seed=7, progress=False)
-    assert not (tmp_path / syn.MARKER).exists()
+    assert not (tmp_path / syn_dataset.MARKER).exists()
     assert not syn.dataset_complete(tmp_path, sizes, cfg, 7)
 
 
@@ -467,7 +479,7 @@ def test_write_dataset_with_workers_matches_one_process(tmp_path):
 
 def test_cli_writes_a_dataset_and_has_help(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        syn.main(["--help"])
+        syn_dataset.main(["--help"])
     assert exit_info.value.code == 0
     help_text = capsys.readouterr().out
     assert "--paper-sizes" in help_text and "--defect-strength" in help_text
@@ -476,7 +488,7 @@ def test_cli_writes_a_dataset_and_has_help(tmp_path, capsys):
     subprocess.run([*run, *args, "--image-size", "40", "--no-progress"], check=True, cwd=REPO)
     records, _ = load_manifest(tmp_path / "train.jsonl")
     assert [r.id for r in records] == ["train-000000", "train-000001"]
-    marker = json.loads((tmp_path / syn.MARKER).read_text())
+    marker = json.loads((tmp_path / syn_dataset.MARKER).read_text())
     assert marker["sizes"] == {"train": 2, "test": 1, "pseudo_label": 1, "exploration": 0}
     assert marker["config"]["image_size"] == 40
 

@@ -3,6 +3,7 @@
 import hydra
 from omegaconf import DictConfig
 
+from hcm.bench.run import run_bench
 from hcm.config import register_resolvers
 
 register_resolvers()
@@ -10,8 +11,6 @@ register_resolvers()
 
 @hydra.main(version_base="1.3", config_path="../../conf", config_name="bench")
 def main(cfg: DictConfig) -> None:
-    from hcm.bench.run import run_bench
-
     run_bench(cfg)
 
 

@@ -18,8 +18,13 @@ import lightning as L
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
+from transformers import AutoConfig
 
 from hcm.bench.timing import PhaseClock, logprob_phase
+from hcm.bench.workload import chat
+from hcm.model.inputs import InputBuilder
+from hcm.model.loading import load_image_processor, load_tokenizer
+from hcm.runtime import resolve_precision
 
 
 class FixedBatches(L.LightningDataModule):
@@ -76,12 +81,6 @@ class ClockCallback(L.Callback):
 
 def make_batch(cfg: DictConfig, model_path: str, prompts: list[dict]) -> dict:
     """The prompts as a PromptCollator batch (left-padded inputs, answers)."""
-    from transformers import AutoConfig
-
-    from hcm.bench.workload import chat
-    from hcm.model.inputs import InputBuilder
-    from hcm.model.loading import load_image_processor, load_tokenizer
-
     builder = InputBuilder(
         load_tokenizer(model_path),
         load_image_processor(model_path),
@@ -101,8 +100,6 @@ def make_batch(cfg: DictConfig, model_path: str, prompts: list[dict]) -> dict:
 
 def run_ours(cfg: DictConfig, model_path: str, prompts: list[dict], steps: int) -> PhaseClock:
     """`steps` GRPO steps of our module on the prompts; returns the clock of its phases."""
-    from hcm.train import resolve_precision
-
     # resolved apart from hydra's own node (the module's budgets interpolate the top-level key)
     keys = ["model", "module", "trainer", "paths", "max_completion_length"]
     cfg = OmegaConf.create(OmegaConf.to_container(OmegaConf.masked_copy(cfg, keys), resolve=True))

@@ -11,10 +11,15 @@ from typing import Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
+from transformers import AutoConfig
 
 from hcm.bench.flops import forward_flops, update_mfu
+from hcm.bench.ours import run_ours
 from hcm.bench.report import format_table
 from hcm.bench.timing import summarize
+from hcm.bench.trl_grpo import run_trl
+from hcm.bench.workload import build_model_folder, conversations
+from hcm.model.loading import load_tokenizer, resolve_dtype
 
 log = logging.getLogger(__name__)
 
@@ -44,22 +49,13 @@ def peak_flops(table: dict[str, float], device: str) -> float | None:
 
 def runner(side: str):
     if side == "ours":
-        from hcm.bench.ours import run_ours
-
         return run_ours
     if side == "trl":
-        from hcm.bench.trl_grpo import run_trl
-
         return run_trl
     raise ValueError(f"unknown bench side {side!r}; expected ours or trl")
 
 
 def run_bench(cfg: DictConfig) -> dict[str, Any]:
-    from transformers import AutoConfig
-
-    from hcm.bench.workload import build_model_folder, conversations
-    from hcm.model.loading import load_tokenizer, resolve_dtype
-
     arch = cfg.architectures[cfg.arch]
     work = cfg.workload
     for side in cfg.sides:  # fail on a typo before minutes of building

@@ -19,6 +19,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from torch.optim.optimizer import (
+    register_optimizer_step_post_hook,
+    register_optimizer_step_pre_hook,
+)
 
 
 def synchronize() -> None:
@@ -113,11 +117,6 @@ class PhaseClock:
 
     def optimizer_hooks(self) -> list:
         """Time every `torch.optim.Optimizer.step` as "optimizer"; returns the hook handles."""
-        from torch.optim.optimizer import (
-            register_optimizer_step_post_hook,
-            register_optimizer_step_pre_hook,
-        )
-
         return [
             register_optimizer_step_pre_hook(lambda *_: self.enter("optimizer")),
             register_optimizer_step_post_hook(lambda *_: self.exit("optimizer")),

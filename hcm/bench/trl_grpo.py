@@ -23,10 +23,13 @@ from typing import Any
 
 import torch
 from omegaconf import DictConfig
-from transformers import InternVLProcessor, TrainerCallback
+from transformers import AutoConfig, InternVLProcessor, TrainerCallback
 from transformers.processing_utils import ProcessorMixin
 
 from hcm.bench.timing import PhaseClock, logprob_phase
+from hcm.bench.workload import chat
+from hcm.model.loading import load_image_processor, load_model, load_tokenizer, resolve_dtype
+from hcm.rewards import score
 
 
 class ImageProcessor(InternVLProcessor):
@@ -62,7 +65,6 @@ class _StepClock(TrainerCallback):
 
 def paper_reward(weights: dict[str, float]):
     """Our reward (hcm.rewards.score) as a TRL reward function of the `answer` column."""
-    from hcm.rewards import score
 
     def reward(prompts, completions, answer, **kwargs) -> list[float]:
         texts = [c[0]["content"] if isinstance(c, list) else c for c in completions]
@@ -97,8 +99,6 @@ def instrument(trainer, clock: PhaseClock) -> list:
 
 def trl_args(cfg: DictConfig, steps: int) -> dict[str, Any]:
     """GRPOConfig arguments: the paper's step as our module's config sets it."""
-    from hcm.model.loading import resolve_dtype
-
     m, mod, work = cfg.model, cfg.module, cfg.workload
     dtype = resolve_dtype(m.dtype)
     cuda = torch.cuda.is_available()
@@ -136,12 +136,9 @@ def trl_args(cfg: DictConfig, steps: int) -> dict[str, Any]:
 
 def run_trl(cfg: DictConfig, model_path: str, prompts: list[dict], steps: int) -> PhaseClock:
     """`steps` TRL GRPO steps on the prompts; returns the clock of its phases."""
+    # optional: trl (and its datasets) come with the `bench` extra, only this side needs them
     from datasets import Dataset
-    from transformers import AutoConfig
     from trl import GRPOConfig, GRPOTrainer
-
-    from hcm.bench.workload import chat
-    from hcm.model.loading import load_image_processor, load_model, load_tokenizer
 
     m = cfg.model
     tokenizer = load_tokenizer(model_path)

@@ -21,6 +21,9 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image
+from transformers import AutoTokenizer, InternVLForConditionalGeneration
+
+from hcm.model.tiny import TinySizes, build_tiny_tokenizer, tiny_config, tiny_image_processor
 
 log = logging.getLogger(__name__)
 
@@ -61,8 +64,6 @@ def build_model_folder(
 ) -> Path:
     """Build and save a random-weight InternVL3 with `sizes` (TinySizes fields) at `path`,
     unless a finished one of the same spec is there; returns `path`."""
-    from hcm.model.tiny import TinySizes, build_tiny_tokenizer, tiny_config, tiny_image_processor
-
     path = Path(path)
     spec = {
         "format": BENCH_FORMAT,
@@ -84,7 +85,6 @@ def build_model_folder(
         tokenizer.save_pretrained(tmp)
         if vocab_size is not None:
             widen_tokenizer_file(tmp, vocab_size)
-        from transformers import AutoTokenizer, InternVLForConditionalGeneration
 
         tokenizer = AutoTokenizer.from_pretrained(tmp)
         config = tiny_config(tokenizer, tiny_sizes)

@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from hcm.benchmarks.accuracy import BenchmarkAccuracy
 from hcm.benchmarks.data import (
     BenchmarkDataset,
     BenchmarkPrompt,
@@ -30,12 +31,11 @@ from hcm.benchmarks.data import (
     decode,
     labels,
 )
-from hcm.benchmarks.metric import BenchmarkAccuracy
 from hcm.benchmarks.readers import READERS, BenchmarkRecord
 from hcm.benchmarks.sources import fingerprint
 from hcm.benchmarks.split import stratified_split
 from hcm.data.datamodule import ScreeningDataModule
-from hcm.data.records import atomic_write_text
+from hcm.files import atomic_write_text
 
 log = logging.getLogger(__name__)
 

@@ -18,8 +18,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from hcm.benchmarks.answers import LETTERS
 from hcm.benchmarks.sources import image_bytes, read_split
+from hcm.choice import LETTERS
 
 IMAGE_PLACEHOLDER = "<image>"
 BLINK_SUBTASKS = (

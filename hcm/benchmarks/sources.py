@@ -22,6 +22,7 @@ class SourceNotFoundError(FileNotFoundError):
 
 
 def _pyarrow():
+    # imported on first use: only the public benchmarks read parquet (pyarrow adds ~0.5 s)
     try:
         import pyarrow
         import pyarrow.parquet

@@ -32,10 +32,11 @@ from hcm.data.datasets import (
     labels,
 )
 from hcm.data.images import load_sample
-from hcm.data.records import ScreeningRecord, ScreeningSample, load_manifest, manifest_hash
+from hcm.data.manifest import load_manifest, manifest_hash
+from hcm.data.records import ScreeningRecord, ScreeningSample
 from hcm.data.sampler import HardCaseSampler
-from hcm.metrics import ScreeningScore
 from hcm.prompts import Prompt
+from hcm.screening_score import ScreeningScore
 
 log = logging.getLogger(__name__)
 
@@ -154,7 +155,7 @@ class ScreeningDataModule(L.LightningDataModule):
         if not path.is_file():
             raise FileNotFoundError(
                 f"{path} not found: data.root must hold one JSONL manifest per split "
-                f"(see hcm/data/records.py), or use data=synthetic to generate one"
+                f"(see hcm/data/manifest.py), or use data=synthetic to generate one"
             )
         return path
 
@@ -193,7 +194,7 @@ class ScreeningDataModule(L.LightningDataModule):
         )
 
     def setup(self, stage: str | None = None) -> None:
-        from hcm.model.chat import screening_messages
+        from hcm.data.messages import screening_messages
 
         builder = self._builder()
         args = (builder, self.prompt, self.image_layout, screening_messages)
@@ -217,7 +218,7 @@ class ScreeningDataModule(L.LightningDataModule):
         return [load_sample(r) for r in self.load(self.eval_split)[: self.limit_eval]]
 
     def messages(self, sample: ScreeningSample) -> list[dict]:
-        from hcm.model.chat import screening_messages
+        from hcm.data.messages import screening_messages
 
         return screening_messages(
             sample, self.prompt.user, self.image_layout, system=self.prompt.system

@@ -113,7 +113,7 @@ class SFTCollator:
     builder: Any  # hcm.model.inputs.InputBuilder
     prompt: Prompt
     layout: str
-    messages: Callable[..., list]  # hcm.model.chat.screening_messages
+    messages: Callable[..., list]  # hcm.data.messages.screening_messages
 
     def __call__(self, items: Sequence[SFTItem]) -> dict:
         conversations = [

@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from hcm.data.records import atomic_write_text
+from hcm.files import atomic_write_text
 
 SCHEMA_VERSION = 1
 FIELDS = ("model", "fingerprint", "manifest_sha256", "params", "created", "hard_ids", "easy_ids")
@@ -111,7 +111,7 @@ class HardCaseSet:
 
     `model` names the mined model (path or hub id); `fingerprint` identifies its weights and is
     computed by the caller (e.g. a hash of the checkpoint); `manifest_sha256` is
-    `hcm.data.records.manifest_hash` of the training manifest; `params` the mining settings
+    `hcm.data.manifest.manifest_hash` of the training manifest; `params` the mining settings
     (greedy, k, pass_threshold, prompt name, ...) as plain JSON values. Ids are stored sorted.
     """
 

@@ -17,7 +17,7 @@ palette, 16-bit greyscale, carry alpha or an EXIF rotation, or be something else
 `load_sample` names the record and field of a bad image ("record train-000003 field
 'candidates[2]': ..."), also when it is found in a DataLoader worker: torch re-raises the
 worker's ImageError with that message. `probe_image` is the cheap header check that
-`hcm.data.records.load_manifest(check_images=True)` runs on every image up front; it cannot
+`hcm.data.manifest.load_manifest(check_images=True)` runs on every image up front; it cannot
 see a truncated pixel stream, which `load_image` still catches, naming the record.
 """
 

@@ -37,6 +37,7 @@ from transformers import GenerationConfig, StoppingCriteriaList, StopStringCrite
 from transformers.generation.configuration_utils import CompileConfig
 
 from hcm.model.inputs import repeat_batch, tiles_per_row
+from hcm.model.vision_cache import embeds_with_shared_images, image_features
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "pixel_values")
 CACHES = ("dynamic", "static")
@@ -239,8 +240,6 @@ def _shared_image_inputs(model, inputs: dict, repeats: int) -> dict:
     `generate` prefills from `inputs_embeds` and keeps `input_ids` to return the prompt with the
     completion, as with `pixel_values`.
     """
-    from hcm.model.vision_cache import embeds_with_shared_images, image_features
-
     cfg = model.config
     tiles = tiles_per_row(inputs["input_ids"], cfg.image_token_id, cfg.image_seq_length)
     features = image_features(model, inputs["pixel_values"].to(model.dtype))  # (tiles, T_img, D)

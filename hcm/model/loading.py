@@ -22,6 +22,9 @@ from transformers import AutoTokenizer, InternVLForConditionalGeneration
 # torchvision, although the PIL backend needs none.
 from transformers.models.auto.image_processing_auto import AutoImageProcessor
 
+from hcm.model.tiny import ensure_tiny_model
+from hcm.model.vocab_padding import pad_lm_head
+
 log = logging.getLogger(__name__)
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -43,7 +46,6 @@ def resolve_name_or_path(
     """
     if tiny is None:
         return str(name_or_path)
-    from hcm.model.tiny import ensure_tiny_model
 
     return str(ensure_tiny_model(name_or_path, **dict(tiny)))
 
@@ -138,8 +140,6 @@ def load_model(
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     if pad_vocab_to_multiple_of > 1:
-        from hcm.model.vocab_padding import pad_lm_head
-
         pad_lm_head(model, pad_vocab_to_multiple_of)
     log.info("loaded %s (%s, %s attention)", name_or_path, torch_dtype, attn)
     return model

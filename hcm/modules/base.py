@@ -22,8 +22,9 @@ from torchmetrics import MeanMetric
 
 from hcm.checkpoints import capture_rng, rank_seed, restore_rng
 from hcm.faults import fault_point
-from hcm.metrics import ScreeningScore
+from hcm.model import generation, loading  # as modules: a test may swap their functions
 from hcm.predictions import gather_rows
+from hcm.screening_score import ScreeningScore
 
 log = logging.getLogger(__name__)
 
@@ -88,16 +89,13 @@ class ScreeningModule(L.LightningModule):
     @property
     def model_path(self) -> str:
         """The folder or hub id to load (the tiny model is built there on first use)."""
-        from hcm.model.loading import resolve_name_or_path
-
-        return resolve_name_or_path(self.model_cfg["name_or_path"], self.model_cfg.get("tiny"))
+        cfg = self.model_cfg
+        return loading.resolve_name_or_path(cfg["name_or_path"], cfg.get("tiny"))
 
     def load_policy(self, dtype: str | None = None) -> Any:
         """The model at `model_path`, its weights in `dtype` (None: `model.dtype`)."""
-        from hcm.model.loading import load_model
-
         cfg = self.model_cfg
-        return load_model(
+        return loading.load_model(
             self.model_path,
             dtype=dtype or cfg.get("dtype", "auto"),
             attn_implementation=cfg.get("attn_implementation", "auto"),
@@ -109,19 +107,17 @@ class ScreeningModule(L.LightningModule):
     def configure_model(self) -> None:
         if self.model is not None:
             return
-        from hcm.model.loading import freeze, load_tokenizer
-
         # A training stage holds the policy in fp32 whatever model.dtype says: AdamW's update
         # of a bf16 weight rounds away below 2^-9 of it (lr 1e-6 moves ~2% of the weights that
         # fp32 moves). bf16 autocast (trainer.precision) still computes in bf16. Evaluation
         # (no freeze config) keeps model.dtype.
         training = bool(self.freeze_cfg)
         self.model = self.load_policy("fp32" if training else None).train()
-        self.tokenizer = load_tokenizer(
+        self.tokenizer = loading.load_tokenizer(
             self.model_path, trust_remote_code=self.model_cfg.get("trust_remote_code", False)
         )
         if self.freeze_cfg:  # training stages; evaluation leaves the weights as loaded
-            counts = freeze(self.model, **self.freeze_cfg)
+            counts = loading.freeze(self.model, **self.freeze_cfg)
             log.info("trainable parameters: %d / %d", counts["trainable"], counts["total"])
 
     # -- optimisation ------------------------------------------------------------------------
@@ -185,11 +181,9 @@ class ScreeningModule(L.LightningModule):
     def answer(self, batch: dict, **overrides) -> Any:
         """Generate one response per prompt of a PromptCollator batch: a Generation (texts and
         which ran into max_new_tokens)."""
-        from hcm.model.generation import generate
-
         fault_point("answer")
         kwargs = {**self.eval_generation, **overrides}
-        return generate(self.model, batch["inputs"], self.tokenizer, **kwargs)
+        return generation.generate(self.model, batch["inputs"], self.tokenizer, **kwargs)
 
     def setup(self, stage: str) -> None:
         # The datamodule chooses the metric: the public benchmarks score accuracy, not 5.1's.

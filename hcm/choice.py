@@ -1,11 +1,11 @@
-"""Reading a single answer from a response, as the reference evaluation harnesses do.
+"""Reading a single-choice answer from a response, as the public benchmarks' harnesses do.
 
 lmms-eval and VLMEvalKit score these benchmarks by exact match after light normalisation: the
 response's option letter ("B", "b.", "(B)", "B. a red car", "The answer is B") or, when it names
 none, the option text it quotes; for RealWorldQA's open answers, the text lower-cased with
-punctuation stripped and number words turned into digits ("Two." -> "2"). A CoT response answers
-inside `<answer>...</answer>` (the last block counts); one that opened `<think>` and never
-answered has not answered.
+punctuation stripped and number words turned into digits ("Two." -> "2"). The answer stands
+where a screening response puts it (`hcm.screening.answer_text`: the last `<answer>` block,
+else the bare text); the screening task's own answers, sets of options, are read there too.
 """
 
 from __future__ import annotations
@@ -14,6 +14,8 @@ import re
 import string
 from collections.abc import Sequence
 
+from hcm.screening import answer_text
+
 LETTERS = string.ascii_uppercase
 NUMBER_WORDS = {
     "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5", "six": "6",
@@ -21,20 +23,9 @@ NUMBER_WORDS = {
     "thirteen": "13", "fourteen": "14", "fifteen": "15", "sixteen": "16", "seventeen": "17",
     "eighteen": "18", "nineteen": "19", "twenty": "20",
 }  # fmt: skip
-_ANSWER_BLOCK = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
 _PUNCTUATION = re.compile(r"[^\w\s]")
 _PAREN_LETTER = re.compile(r"\(([A-Z])\)")
 _LEADING_LETTER = re.compile(r"^\s*\(?([A-Za-z])[.):]")  # "B.", "b)", "(B)", "B:" at the start
-
-
-def answer_text(completion: str) -> str | None:
-    """The part of a response that answers: the last `<answer>` block, else the bare text."""
-    blocks = _ANSWER_BLOCK.findall(completion)
-    if blocks:
-        return blocks[-1].strip()
-    if "<think>" in completion or "<answer>" in completion:
-        return None
-    return completion.strip()
 
 
 def normalize(text: str) -> str:

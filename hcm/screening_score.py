@@ -19,8 +19,7 @@ from typing import Any
 import torch
 from torchmetrics import Metric
 
-from hcm.answers import extract_answer, is_acceptable
-from hcm.data.records import DIMENSIONS, OPTIONS, canonical_answer
+from hcm.screening import DIMENSIONS, OPTIONS, canonical_answer, extract_answer, is_acceptable
 
 N_CHOICES = len(OPTIONS) + 1  # A-D and N
 COLUMNS = ("overall", *DIMENSIONS)

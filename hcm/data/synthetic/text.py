@@ -25,8 +25,8 @@ import colorsys
 from collections.abc import Mapping
 from typing import Any
 
-from hcm.data.records import NONE_ANSWER
-from hcm.data.render import apply_defects
+from hcm.data.synthetic.render import apply_defects
+from hcm.screening import NONE_ANSWER
 
 NOUNS = {"bottle": "bottle", "box": "box", "jar": "jar", "tube": "tube", "blister": "blister pack"}
 PLURALS = {

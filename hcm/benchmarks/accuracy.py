@@ -1,7 +1,7 @@
 """Single-answer accuracy of a public benchmark, overall and per subtask, as a torchmetrics Metric.
 
 Tables 8-10 report "Overall Accuracy": the percentage of test questions answered correctly
-(`hcm.benchmarks.answers.is_correct`). Per-subtask accuracy and the parse rate are logged beside
+(`hcm.choice.is_correct`). Per-subtask accuracy and the parse rate are logged beside
 it. States are sums, so the metric is correct under DDP; the subtasks are fixed when it is made.
 """
 
@@ -13,7 +13,8 @@ from typing import Any
 import torch
 from torchmetrics import Metric
 
-from hcm.benchmarks.answers import answer_text, is_correct
+from hcm.choice import is_correct
+from hcm.screening import answer_text
 
 
 class BenchmarkAccuracy(Metric):

@@ -1,7 +1,7 @@
 """Drawing of the synthetic screening images: a product on white, and the product in a scene.
 
 What a picture shows is a pure function of JSON-able metadata: a product dict, a scene dict and a
-list of defect dicts (see `hcm.data.synthetic` for how they are sampled). So a test can render a
+list of defect dicts (`hcm.data.synthetic.scene` samples them). So a test can render a
 candidate clean and with one defect and check the difference pixel by pixel. Drawing is crisp
 (flat fills, no anti-aliasing) so that the wall, the floor and a shadow have exact colours; a
 tilted product is the exception (rotation resamples its edges).
@@ -21,7 +21,7 @@ from typing import Any
 
 from PIL import Image, ImageDraw, ImageFont
 
-# Defect families the renderer draws, each under one of hcm.data.records.DIMENSIONS.
+# Defect families the renderer draws, each under one of hcm.screening.DIMENSIONS.
 FAMILIES: dict[str, str] = {
     "colour": "appearance_deformation",
     "shape": "appearance_deformation",
