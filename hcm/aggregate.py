@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import logging
 import math
 from collections.abc import Sequence
@@ -53,6 +54,26 @@ class Run:
         if self.job.folder is None:
             return None
         return self.job.folder if self.stage is None else self.job.folder / "stages" / self.stage
+
+    @property
+    def curves(self) -> list[Path] | None:
+        """The CSV logs of the GRPO training behind this evaluation: the stage whose model it
+        scored and the stage that one continued (`init_ckpt`); None when that model is not a
+        GRPO stage's (an SFT row). Without stage.json files (W&B) the job's GRPO logs."""
+        marker = self.folder / "stage.json" if self.folder is not None else None
+        if marker is None or not marker.is_file():
+            return self.job.curves
+        scored = Path(json.loads(marker.read_text())["config"]["model"]["name_or_path"]).parent
+        logs = []
+        while (scored / "stage.json").is_file():
+            trained = json.loads((scored / "stage.json").read_text())
+            if trained.get("kind") != "grpo":
+                break
+            logs.append(scored / "csv" / "metrics.csv")
+            if not trained.get("init_ckpt"):
+                break
+            scored = Path(trained["init_ckpt"]).parent.parent  # <stage>/checkpoints/last.ckpt
+        return [p for p in logs if p.is_file()] or None
 
     def score(self, column: str) -> float | None:
         value = self.payload["metrics"].get(PREFIX + column)

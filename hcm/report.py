@@ -236,23 +236,25 @@ def to_markdown(spec: dict, rows: Sequence[Row]) -> str:
 
 # -- curves ----------------------------------------------------------------------------------------
 def row_names(spec: dict, rows: Sequence[Row]) -> list[str]:
-    """Each row's name on a figure: its labels after its model's ("+GRPO" alone is ambiguous)."""
+    """Each row's name on a figure: a "+GRPO"-style label after its model's (alone it is
+    ambiguous); other labels as they are."""
     names, group = [], ""
     for row, entry in zip(rows, spec["rows"], strict=True):
         if row.status == "section" or entry.get("baseline"):
             group = row.labels[0]
         label = " ".join(x for x in row.labels if x)
-        names.append(label if row.labels[0] == group else f"{group} {label}".strip())
+        prefixed = label.startswith("+") and row.labels[0] != group
+        names.append(f"{group} {label}".strip() if prefixed else label)
     return names
 
 
 def plot_curves(spec: dict, rows: Sequence[Row], path: Path) -> Path | None:
     """Reward and KL of the table's GRPO runs on one figure; None when there is none."""
     runs = [
-        (name + (f" seed {run.seed}" if len(row.runs) > 1 else ""), run.job.curves)
+        (name + (f" seed {run.seed}" if len(row.runs) > 1 else ""), run.curves)
         for name, row in zip(row_names(spec, rows), rows, strict=True)
         for run in row.runs
-        if run.job.curves is not None
+        if run.curves is not None
     ]
     panels = [
         Panel(f"{title} ({key})", "step", [(lb, *read_curve(log, key)) for lb, log in runs])

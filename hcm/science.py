@@ -138,15 +138,15 @@ def run_detection(run: Run) -> dict[str, list[int]]:
 
 
 def run_zero_variance(run: Run) -> float | None:
-    if run.job.curves is None:
+    if run.curves is None:
         return None
-    return _mean(read_curve(run.job.curves, ZERO_VARIANCE)[1])
+    return _mean(read_curve(run.curves, ZERO_VARIANCE)[1])
 
 
 def run_reward(run: Run) -> dict[int, float]:
-    if run.job.curves is None:
+    if run.curves is None:
         return {}
-    return per_epoch(*read_curve(run.job.curves, REWARD, "epoch"))
+    return per_epoch(*read_curve(run.curves, REWARD, "epoch"))
 
 
 # -- the report's sections -----------------------------------------------------------------------

@@ -290,3 +290,34 @@ def test_a_grpo_run_split_in_two_stages_reads_as_one_curve(tmp_path):
         [0.1, 0.2, 0.3, 0.5, 0.6],
     )
     assert read_curve(first, "train/reward/total", "epoch")[0] == [0.0, 0.0, 1.0]
+
+
+def test_a_row_reads_the_grpo_logs_behind_its_own_evaluation(tmp_path):
+    """An SFT row of a pipeline job has no GRPO curve; an HCM-GRPO row has its grpo stage's log
+    and that of grpo_all, which grpo continued."""
+    from hcm.aggregate import Run
+    from hcm.report import Job
+
+    store, job_dir = tmp_path / "store", tmp_path / "job"
+
+    def stage(name: str, **marker) -> Path:
+        folder = store / name
+        (folder / "csv").mkdir(parents=True)
+        (folder / "csv" / "metrics.csv").write_text("step,train/reward/total\n0,0.5\n")
+        (folder / "stage.json").write_text(json.dumps(marker))
+        return folder
+
+    sft = stage("sft-1", kind="sft")
+    first = stage("grpo_all-2", kind="grpo", init_ckpt=None)
+    rest = stage("grpo-3", kind="grpo", init_ckpt=str(first / "checkpoints" / "last.ckpt"))
+    for name, scored in (("sft_eval", sft), ("grpo_eval", rest)):
+        folder = job_dir / "stages" / name
+        folder.mkdir(parents=True)
+        model = {"model": {"name_or_path": str(scored / "model")}}
+        (folder / "stage.json").write_text(json.dumps({"kind": "eval", "config": model}))
+    job = Job("0", {}, {}, curves=[first / "csv" / "metrics.csv"], folder=job_dir)
+    assert Run(job, "0", {}, "sft_eval").curves is None
+    assert Run(job, "0", {}, "grpo_eval").curves == [
+        rest / "csv" / "metrics.csv",
+        first / "csv" / "metrics.csv",
+    ]
