@@ -15,7 +15,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from hcm.config import validate
-from hcm.data.synthetic import FAMILIES
+from hcm.data.synthetic.render import FAMILIES
 from hcm.model.tiny import TinySizes, build_tiny_model
 from hcm.train import compose_stages, train
 
