@@ -19,8 +19,8 @@ import hcm.modules.grpo as grpo_module
 from hcm.grpo_math import group_advantages
 from hcm.model.generation import banned_token_ids
 from hcm.model.inputs import tiles_per_row
-from hcm.rollout import loss_share, minibatches, pad_right
 from hcm.rewards import REWARDS, score
+from hcm.rollout import loss_share, minibatches, pad_right
 
 G = 4
 # Short prompts and one tile per image keep a step on the tiny model well under a second.

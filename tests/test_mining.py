@@ -141,8 +141,7 @@ def test_k_samples_with_a_pass_rate_threshold(attached, tmp_path, monkeypatch):
     )
     assert hard == [i for i in range(N_TRAIN) if i % 5 < 2]  # pass rate 0 or 1/4 < 0.5
     assert all(
-        c["group_size"] == 4 and c["do_sample"] and c["temperature"] == 0.7
-        for c in answers.calls
+        c["group_size"] == 4 and c["do_sample"] and c["temperature"] == 0.7 for c in answers.calls
     )
     strict = mine_hard_cases(
         module, dm, cache_path=str(tmp_path / "h1.json"), k=4, pass_threshold=1.0
