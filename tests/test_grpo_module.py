@@ -198,8 +198,9 @@ def test_resample_redraws_only_zero_variance_groups(compose_cfg, monkeypatch):
     sample = module._sample
 
     def spy(inputs):
-        draws.append((inputs, sample(inputs)))
-        return draws[-1][1]
+        gen = sample(inputs)
+        draws.append((inputs, (gen.completion_ids, gen.completion_mask, gen.texts, gen.truncated)))
+        return gen
 
     rewards = iter([[0, 0, 0, 0, 0, 1, 0, 1], [1, 0, 0, 0]])  # group 0 flat, then not
 

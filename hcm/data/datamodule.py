@@ -9,6 +9,11 @@ Resuming mid-epoch: both training orders depend only on (seed, epoch), never on 
 and every checkpoint stores where this epoch's order had got to (`state_dict`), so a resumed run
 skips the samples it already trained on and sees the rest in the same order. Lightning saves no
 position for a plain DataLoader. (Streaming draws restart the interrupted epoch's stream.)
+
+The hard set (HCM-GRPO) is this module's: `mine_hard_cases` mines it once (hcm/mining.py) with
+the policy the GRPO module lends, or reads the cache, keeps it in every checkpoint (a stage that
+resumes, or continues from another's checkpoint, never mines again) and hands it to the one
+training sampler, which also counts the steps of the LR schedule (`batches_per_epoch`).
 """
 
 from __future__ import annotations
@@ -293,9 +298,7 @@ class ScreeningDataModule(L.LightningDataModule):
         sampler.set_epoch(epoch)
         sampler.set_start(min(consumed, len(sampler)))
         log.info(
-            "checkpoint taken %d samples into epoch %d (this rank's): resuming there",
-            consumed,
-            epoch,
+            "checkpoint taken %d samples into epoch %d (this rank's): resuming", consumed, epoch
         )
 
     def _place(self) -> tuple[int, int, int]:

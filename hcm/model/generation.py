@@ -52,6 +52,8 @@ class Generation:
     texts: list[str]  # decoded without special tokens, up to the cut
     prompt_length: int  # the padded prompt length P the completions follow
     truncated: torch.Tensor  # (N,) bool: cut by max_new_tokens (neither eos nor a stop string)
+    prompt_ids: torch.Tensor  # (N, P) the prompt each row continues (each prompt G times)
+    prompt_mask: torch.Tensor  # (N, P) its attention mask (0 on left padding)
 
 
 def banned_token_ids(tokenizer) -> list[int]:
@@ -212,7 +214,8 @@ def generate(
     prompt_length = inputs["input_ids"].shape[1]
     ids, mask, texts = truncate_completions(sequences[:, prompt_length:], tokenizer, stop_strings)
     truncated = ran_out(ids, mask, texts, tokenizer.eos_token_id, max_new_tokens, stop_strings)
-    return Generation(ids, mask, texts, prompt_length, truncated)
+    prompts = inputs["input_ids"], inputs["attention_mask"]  # (N, P) as sampled from
+    return Generation(ids, mask, texts, prompt_length, truncated, *prompts)
 
 
 def ran_out(

@@ -190,19 +190,17 @@ class GRPOModule(ScreeningModule):
         from hcm.model.inputs import tiles_per_row
 
         inputs, G = batch["inputs"], self.G  # on self.device: Lightning moved the batch
-        ids, mask, texts, truncated = self._sample(inputs)  # (B*G, L), (B*G, L), (B*G,), (B*G,)
-        prompt_ids = inputs["input_ids"].repeat_interleave(G, 0)  # (B*G, P), token ids only
-        prompt_mask = inputs["attention_mask"].repeat_interleave(G, 0)
+        gen = self._sample(inputs)  # the one place each prompt is repeated G times
         cfg = self.model.config
         return Rollout(
             G=G,
-            input_ids=torch.cat([prompt_ids, ids], 1),  # (B*G, P+L)
-            attention_mask=torch.cat([prompt_mask, mask], 1),  # (B*G, P+L)
-            completion_mask=mask,
-            truncated=truncated,
+            input_ids=torch.cat([gen.prompt_ids, gen.completion_ids], 1),  # (B*G, P+L)
+            attention_mask=torch.cat([gen.prompt_mask, gen.completion_mask], 1),  # (B*G, P+L)
+            completion_mask=gen.completion_mask,  # (B*G, L)
+            truncated=gen.truncated,  # (B*G,)
             pixel_values=inputs["pixel_values"],  # each prompt's tiles once
             tiles=tiles_per_row(inputs["input_ids"], cfg.image_token_id, cfg.image_seq_length),
-            texts=texts,
+            texts=list(gen.texts),
             answers=[a for a in batch["answers"] for _ in range(G)],  # (B*G,)
             mask_truncated=self.mask_truncated_completions,
         )
@@ -222,10 +220,13 @@ class GRPOModule(ScreeningModule):
             prompts = zero_variance_groups(rollout.rewards, G).nonzero().squeeze(1).tolist()
             if not prompts:
                 break
-            ids, mask, texts, truncated = self._sample(self._select_prompts(rollout, prompts))
+            gen = self._sample(self._select_prompts(rollout, prompts))
             rows = [p * G + g for p in prompts for g in range(G)]  # their rows in the rollout
+            texts, pad = list(gen.texts), self.tokenizer.pad_token_id
             rewards, parts = score(texts, [rollout.answers[r] for r in rows], self.reward_weights)
-            rollout.replace_rows(rows, ids, mask, texts, truncated, self.tokenizer.pad_token_id)
+            rollout.replace_rows(
+                rows, gen.completion_ids, gen.completion_mask, texts, gen.truncated, pad
+            )
             rollout.rewards[rows] = rewards
             for name in rollout.per_reward:
                 rollout.per_reward[name][rows] = parts[name]
@@ -315,12 +316,13 @@ class GRPOModule(ScreeningModule):
         weighted |= {k: v.detach() * token_share for k, v in stats.items()}
         return weighted
 
-    def _sample(self, inputs: dict) -> tuple[torch.Tensor, torch.Tensor, list[str], torch.Tensor]:
-        """G completions per prompt (generate masks InternVL's image and chat tokens)."""
+    def _sample(self, inputs: dict) -> Any:
+        """G completions per prompt, a Generation (generate masks InternVL's image and chat
+        tokens)."""
         from hcm.model.generation import generate
 
         s = self.sampling
-        gen = generate(
+        return generate(
             self.model,
             inputs,
             self.tokenizer,
@@ -335,7 +337,6 @@ class GRPOModule(ScreeningModule):
             compile=self.fast["compile"],
             share_images=self.fast["share_images"],
         )
-        return gen.completion_ids, gen.completion_mask, list(gen.texts), gen.truncated
 
     def _select_prompts(self, rollout: Rollout, prompts: list[int]) -> dict:
         """The prompts `prompts` of the rollout as a generation batch, with their image tiles."""
