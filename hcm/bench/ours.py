@@ -48,7 +48,17 @@ class ClockCallback(L.Callback):
 
     def on_train_start(self, trainer, module) -> None:
         clock = self.clock
-        module.generate = clock.wrap(module.generate, "rollout")
+
+        def count(rollout) -> None:
+            prompt_len = rollout.input_ids.shape[1] - rollout.completion_mask.shape[1]
+            clock.count(
+                sequences=rollout.size,
+                prompt_tokens=prompt_len,
+                completion_tokens=float(rollout.completion_mask.sum()),
+                completion_width=rollout.completion_mask.shape[1],
+            )
+
+        module.generate = clock.wrap(module.generate, "rollout", on_result=count)
         module.reward = clock.wrap(module.reward, "rollout")
         module._logprobs = clock.wrap(module._logprobs, logprob_phase(module.ref_model))
         module.manual_backward = clock.wrap(module.manual_backward, "update")
@@ -58,13 +68,6 @@ class ClockCallback(L.Callback):
         self.clock.begin_step()
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
-        rollout = outputs["rollout"]
-        self.clock.count(
-            sequences=rollout.size,
-            prompt_tokens=rollout.input_ids.shape[1] - rollout.completion_mask.shape[1],
-            completion_tokens=float(rollout.completion_mask.sum()),
-            completion_width=rollout.completion_mask.shape[1],
-        )
         self.clock.end_step()
 
     def on_train_end(self, trainer, module) -> None:

@@ -91,7 +91,11 @@ class GRPOModule(ScreeningModule):
         self.resample_zero_variance = resample_zero_variance
         self.mask_truncated_completions = mask_truncated_completions
         self.mining = dict(mining)
-        self.log_completions = (log_completions_every_n_steps, log_completions_prompts)
+        self.step_log = GRPOStepLog(
+            log_completions_every_n_steps,
+            log_completions_prompts,
+            log_resampled=resample_zero_variance > 0,
+        )
         self.fast = dict(fast)  # speed-ups that keep the plain path's numbers; off by default
         self.stop_at_switch = stop_at_switch
         self.ref_model: Any = None
@@ -111,8 +115,7 @@ class GRPOModule(ScreeningModule):
         return "fp32" if type(strategy).__name__ == "FSDPStrategy" else None
 
     def configure_callbacks(self) -> list:
-        every, prompts = self.log_completions
-        return [GRPOStepLog(every, prompts, log_resampled=self.resample_zero_variance > 0)]
+        return [self.step_log]  # notes each step's start; training_step's last line logs it
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         super().on_save_checkpoint(checkpoint)
@@ -175,14 +178,14 @@ class GRPOModule(ScreeningModule):
             self.trainer.should_stop = True
 
     # -- the GRPO step ---------------------------------------------------------------------------
-    def training_step(self, batch: dict, batch_idx: int) -> dict:
+    def training_step(self, batch: dict, batch_idx: int) -> None:
         """One GRPO step on a batch of B prompts; the module docstring maps it to the paper."""
         rollout = self.generate(batch)  # G completions per prompt: (B*G, ...)
         self.reward(rollout)  # rollout.rewards (B*G,): eqs. 6-7
         rollout.advantages = group_advantages(rollout.rewards, self.G, self.advantage_scale)
         rollout.old_logprobs, rollout.ref_logprobs = self.fixed_logprobs(rollout)  # pi_old, pi_ref
         stats = self.update(rollout)  # eqs. 3-5: mu optimizer steps, then the LR schedule's
-        return {"rollout": rollout, "stats": stats}  # logged by GRPOStepLog
+        self.step_log.log(self, rollout, stats)  # hcm.modules.grpo_log
 
     @torch.no_grad()
     def generate(self, batch: dict) -> Rollout:

@@ -1,8 +1,10 @@
 """What a GRPO step logs: the rollout's rewards, advantages and lengths, the loss statistics, the
 LR, the step's timing and, every N rollouts, a W&B table of completions.
 
-A callback (`GRPOModule.configure_callbacks` adds it), fed by what `training_step` returns: its
-Rollout and the statistics of the update's last pass, with the update's own duration. Keys:
+A callback (`GRPOModule.configure_callbacks` adds it) that notes when each step starts, and whose
+`log` is the last line of `training_step`: the step's Rollout and the statistics of the update's
+last pass, with the update's own duration. (Logged inside the step, so that every other
+callback's `on_train_batch_end`, the progress bar's included, sees this step's values.) Keys:
 `train/reward/total` (eq. 6's weighted sum), `train/reward/<name>` per reward function,
 `train/zero_variance_groups` (groups with no learning signal), `train/time/rollout` (sampling,
 scoring, advantages and the fixed log-probs) and `train/time/update`.
@@ -76,8 +78,8 @@ class GRPOStepLog(L.Callback):
         lr = trainer.optimizers[0].param_groups[0]["lr"]
         self._start = {"time": time.perf_counter(), "step": trainer.global_step, "lr": lr}
 
-    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
-        rollout, stats = outputs["rollout"], outputs["stats"]
+    def log(self, module: L.LightningModule, rollout: Rollout, stats: dict[str, float]) -> None:
+        """Log the step of `rollout`; `stats`: the update's, with "time/update"."""
         values = step_metrics(rollout, stats, self._start["lr"])
         step_time = time.perf_counter() - self._start["time"]
         values["train/time/rollout"] = step_time - stats["time/update"]
@@ -85,12 +87,11 @@ class GRPOStepLog(L.Callback):
         if self.log_resampled:
             values["train/zero_variance_groups_sampled"] = rollout.zero_variance_sampled
         module.log_dict(values, batch_size=rollout.size)
-        module.log(
-            "train/reward", float(rollout.rewards.mean()), prog_bar=True, batch_size=rollout.size
-        )
+        reward = float(rollout.rewards.mean())
+        module.log("train/reward", reward, prog_bar=True, batch_size=rollout.size)
         rollout_step = self._start["step"] // module.num_iterations
         if self.every_n_steps and rollout_step % self.every_n_steps == 0:
             columns, data = completion_table(rollout, self._start["step"], self.prompts)
-            for lg in trainer.loggers:
+            for lg in module.loggers:
                 if hasattr(lg, "log_table"):
                     lg.log_table(key="train/completions", columns=columns, data=data)
