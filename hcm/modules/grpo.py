@@ -185,7 +185,7 @@ class GRPOModule(ScreeningModule):
         rollout.advantages = group_advantages(rollout.rewards, self.G, self.advantage_scale)
         rollout.old_logprobs, rollout.ref_logprobs = self.fixed_logprobs(rollout)  # pi_old, pi_ref
         stats = self.update(rollout)  # eqs. 3-5: mu optimizer steps, then the LR schedule's
-        self.step_log.log(self, rollout, stats)  # hcm.modules.grpo_log
+        self.step_log.log_step(self, rollout, stats)  # hcm.modules.grpo_log
 
     @torch.no_grad()
     def generate(self, batch: dict) -> Rollout:

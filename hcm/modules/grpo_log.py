@@ -2,7 +2,8 @@
 LR, the step's timing and, every N rollouts, a W&B table of completions.
 
 A callback (`GRPOModule.configure_callbacks` adds it) that notes when each step starts, and whose
-`log` is the last line of `training_step`: the step's Rollout and the statistics of the update's
+`log_step` is the last line of `training_step` (not `log`: Lightning binds every callback's
+`log` to the module's): the step's Rollout and the statistics of the update's
 last pass, with the update's own duration. (Logged inside the step, so that every other
 callback's `on_train_batch_end`, the progress bar's included, sees this step's values.) Keys:
 `train/reward/total` (eq. 6's weighted sum), `train/reward/<name>` per reward function,
@@ -78,7 +79,9 @@ class GRPOStepLog(L.Callback):
         lr = trainer.optimizers[0].param_groups[0]["lr"]
         self._start = {"time": time.perf_counter(), "step": trainer.global_step, "lr": lr}
 
-    def log(self, module: L.LightningModule, rollout: Rollout, stats: dict[str, float]) -> None:
+    def log_step(
+        self, module: L.LightningModule, rollout: Rollout, stats: dict[str, float]
+    ) -> None:
         """Log the step of `rollout`; `stats`: the update's, with "time/update"."""
         values = step_metrics(rollout, stats, self._start["lr"])
         step_time = time.perf_counter() - self._start["time"]
