@@ -26,7 +26,7 @@ from omegaconf.errors import InterpolationResolutionError, MissingMandatoryValue
 
 from hcm.data.datasets import SFT_SOURCES
 from hcm.data.sampler import COMPOSITIONS
-from hcm.grpo import ADVANTAGE_SCALES, AGGREGATIONS, RATIO_LEVELS
+from hcm.grpo_math import ADVANTAGE_SCALES, AGGREGATIONS, RATIO_LEVELS
 from hcm.mining import CORRECTNESS
 from hcm.prompts import LAYOUTS
 from hcm.rewards import REWARDS

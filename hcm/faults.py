@@ -1,11 +1,13 @@
-"""Test-only fault injection: `HCM_FAULT=<point>:<n>` SIGKILLs the process at a named point.
+"""Fault injection, shipped in the package: `HCM_FAULT=<point>:<n>` SIGKILLs the process at a
+named point, so that a crash can be staged on a real run (tests/test_resume.py does, through
+the real entry points in a subprocess, where no test hook could reach).
 
 The process kills itself the n-th time (1-based, counted in this process) it reaches `point`,
 the way an OOM killer or a pre-empted node would: no exception, no `finally`, no flushing.
-Unset (always, outside tests) it costs one environment lookup. The points:
+Unset (every ordinary run) it costs one environment lookup. The points:
 
     sft_step    inside an SFT training step, after the forward pass
-    grpo_step   inside a GRPO step, after the rollout and before the update
+    grpo_step   inside a GRPO step, after the rollout and before the update (its first line)
     answer      a batch answered by generation (mining's batches come first in a GRPO stage)
     ckpt_write  a checkpoint written to its temporary file but not yet renamed into place
 

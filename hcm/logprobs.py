@@ -6,7 +6,7 @@ at once (8 completions × 512 tokens would be 2.5 GB, plus as much again for the
 to float32 per chunk, and in the update each chunk is checkpointed: the backward recomputes that
 chunk's logits instead of keeping every chunk's alive from the forward.
 
-The log-probs are those of the full softmax of logits / temperature (see `hcm.grpo.policy_loss`
+The log-probs are those of the full softmax of logits / temperature (see `hcm.grpo_math.policy_loss`
 for why not the top-k/top-p-truncated sampling distribution).
 """
 

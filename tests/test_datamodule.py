@@ -47,7 +47,8 @@ def test_sft_sources_pick_splits_and_targets(datamodule):
 def test_grpo_prompts_follow_the_hard_case_schedule(datamodule):
     dm = datamodule("module=grpo", "data.switch_epoch=1", "data.composition=all_plus_hard")
     dm.setup("fit")
-    assert not dm.hard_indices_known
+    assert dm.hard_indices is None
+    assert dm.batches_per_epoch(2) == [12, 12]  # before mining: all-data epochs
     dm.set_hard_cases([5, 2, 7])
     dm.trainer = SimpleNamespace(world_size=1, global_rank=0, current_epoch=1)
     loader = dm.train_dataloader()
@@ -57,7 +58,8 @@ def test_grpo_prompts_follow_the_hard_case_schedule(datamodule):
     # prompts are left-padded for generation: the last position is always a real token
     assert (batch["inputs"]["attention_mask"][:, -1] == 1).all()
     assert batch["answers"] == [dm.train_dataset.records[i].answer for i in order[:2]]
-    assert dm.train_batches(epochs=2) == 12 + 14  # ceil(24/2) then ceil(27/2)
+    assert dm.batches_per_epoch(2) == [12, 14]  # ceil(24/2) then ceil(27/2)
+    assert dm._sampler() is loader.sampler  # the step count reads the loader's own sampler
     state = dm.state_dict()
     fresh = datamodule("module=grpo", "data.switch_epoch=1", "data.composition=all_plus_hard")
     fresh.load_state_dict(state)
@@ -90,7 +92,7 @@ def test_missing_manifest_says_what_to_put_where(compose_cfg, tmp_path):
 
 @pytest.mark.parametrize(("n", "world"), [(5, 2), (6, 2), (7, 3), (2, 4)])
 def test_eval_sampler_shards_every_sample_once_and_pads_last(n, world):
-    from hcm.data.datamodule import EvalSampler
+    from hcm.data.sampler import EvalSampler
 
     shards = [EvalSampler(list(range(n)), rank, world) for rank in range(world)]
     assert len({len(list(s)) for s in shards}) == 1  # the same number of batches on every rank

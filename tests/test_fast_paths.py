@@ -179,7 +179,7 @@ def test_padded_rows_are_never_sampled(tiny_path, tok, prompts):
         max_new_tokens=16,
         do_sample=True,
         top_k=0,
-        num_return_sequences=4,
+        group_size=4,
         stop_strings=(),
     )
     assert out.completion_ids.shape[0] == 8
@@ -195,7 +195,7 @@ def test_padded_rows_are_never_sampled(tiny_path, tok, prompts):
 )
 def test_fast_generation_equals_the_dynamic_path_greedy(tiny_path, tok, prompts, options):
     model = load_model(tiny_path)
-    kwargs = {"max_new_tokens": 10, "do_sample": False, "num_return_sequences": 2}
+    kwargs = {"max_new_tokens": 10, "do_sample": False, "group_size": 2}
     plain = generate(model, prompts, tok, stop_strings=(), **kwargs)
     fast = generate(model, prompts, tok, stop_strings=(), **options, **kwargs)
     assert plain.completion_ids.shape == (4, 10)
@@ -210,9 +210,9 @@ def test_shared_prefill_samples_like_the_plain_path(tiny_path, tok, prompts):
     model = load_model(tiny_path)
     kwargs = {"max_new_tokens": 8, "do_sample": True, "top_k": 3, "top_p": 0.8}
     torch.manual_seed(3)
-    plain = generate(model, prompts, tok, num_return_sequences=3, **kwargs)
+    plain = generate(model, prompts, tok, group_size=3, **kwargs)
     torch.manual_seed(3)
-    shared = generate(model, prompts, tok, num_return_sequences=3, share_images=True, **kwargs)
+    shared = generate(model, prompts, tok, group_size=3, share_images=True, **kwargs)
     assert torch.equal(shared.completion_ids, plain.completion_ids)
     assert shared.texts == plain.texts
 
@@ -238,7 +238,7 @@ def test_fast_path_options_are_off_by_default_and_checked():
 )
 def test_compiled_decode_equals_the_dynamic_path_greedy(tiny_path, tok, prompts):
     model = load_model(tiny_path)
-    kwargs = {"max_new_tokens": 10, "do_sample": False, "num_return_sequences": 2}
+    kwargs = {"max_new_tokens": 10, "do_sample": False, "group_size": 2}
     plain = generate(model, prompts, tok, stop_strings=(), **kwargs)
     fast = generate(
         model,

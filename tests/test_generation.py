@@ -47,7 +47,7 @@ def test_sampling_never_emits_banned_ids(tiny_path, tok, prompts):
         tok,
         max_new_tokens=48,
         do_sample=True,
-        num_return_sequences=4,
+        group_size=4,
         stop_strings=(),
     )
     assert out.completion_ids.shape == (8, 48)
@@ -70,7 +70,7 @@ def test_ban_applies_before_top_k(tiny_path, tok, prompts):
 def test_eos_stays_allowed_and_ends_the_completion(tiny_path, tok, prompts):
     eos = tok.convert_tokens_to_ids("<|im_end|>")
     model = biased(tiny_path, [eos])
-    out = generate(model, prompts, tok, max_new_tokens=10, do_sample=True, num_return_sequences=2)
+    out = generate(model, prompts, tok, max_new_tokens=10, do_sample=True, group_size=2)
     assert out.completion_ids.tolist() == [[eos]] * 4
     assert out.completion_mask.tolist() == [[1]] * 4
     assert out.texts == [""] * 4
@@ -122,7 +122,7 @@ def test_generate_stops_at_stop_string_and_masks_the_tail(model, tok, prompts):
         tok,
         max_new_tokens=40,
         do_sample=True,
-        num_return_sequences=2,
+        group_size=2,
         stop_strings=("e",),
     )
     lengths = out.completion_mask.sum(1).tolist()
@@ -135,7 +135,7 @@ def test_generate_stops_at_stop_string_and_masks_the_tail(model, tok, prompts):
     assert max(lengths) == out.completion_ids.shape[1] < 40  # generate stopped too
 
 
-def test_num_return_sequences_order_is_prompt_major(model, tok, prompts):
+def test_group_size_order_is_prompt_major(model, tok, prompts):
     greedy = generate(model, prompts, tok, max_new_tokens=8, do_sample=False, stop_strings=())
     assert greedy.completion_ids[0].tolist() != greedy.completion_ids[1].tolist()
     g = 3  # top_k=1 sampling is greedy, so row i must repeat prompt i // g's greedy completion
@@ -146,7 +146,7 @@ def test_num_return_sequences_order_is_prompt_major(model, tok, prompts):
         max_new_tokens=8,
         do_sample=True,
         top_k=1,
-        num_return_sequences=g,
+        group_size=g,
         stop_strings=(),
     )
     expected = greedy.completion_ids.repeat_interleave(g, dim=0)
@@ -181,7 +181,7 @@ def test_the_checkpoints_generation_config_changes_nothing(
     other = load_model(hostile)
     assert other.generation_config.repetition_penalty == 1.5
     rollout = {"do_sample": True, "temperature": 1.0, "top_k": 3, "top_p": 0.8}
-    for kwargs in ({"do_sample": False}, {**rollout, "num_return_sequences": 2}):  # eval, GRPO
+    for kwargs in ({"do_sample": False}, {**rollout, "group_size": 2}):  # eval, GRPO
         outs = []
         for m in (model, other):
             torch.manual_seed(0)

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from hcm.grpo import group_advantages, policy_loss, zero_variance_groups
+from hcm.grpo_math import group_advantages, policy_loss, zero_variance_groups
 
 # ---------------------------------------------------------------- group_advantages
 

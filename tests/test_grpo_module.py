@@ -16,10 +16,11 @@ from PIL import Image
 from torch import nn
 
 import hcm.modules.grpo as grpo_module
-from hcm.grpo import group_advantages
+from hcm.grpo_math import group_advantages
 from hcm.model.generation import banned_token_ids
-from hcm.modules.grpo import loss_share, minibatches, pad_right
+from hcm.model.inputs import tiles_per_row
 from hcm.rewards import REWARDS, score
+from hcm.rollout import loss_share, minibatches, pad_right
 
 G = 4
 # Short prompts and one tile per image keep a step on the tiny model well under a second.
@@ -71,6 +72,16 @@ def uneven_prompts(dm) -> dict:
         padding_side="left",
     )
     return {"inputs": inputs, "answers": ["A", "BC"]}
+
+
+def rollout(module, batch):
+    """The part of training_step before the update: completions, rewards, advantages and the
+    fixed log-probs."""
+    r = module.generate(batch)
+    module.reward(r)
+    r.advantages = group_advantages(r.rewards, module.G, module.advantage_scale)
+    r.old_logprobs, r.ref_logprobs = module.fixed_logprobs(r)
+    return r
 
 
 def banned_in_completions(rollout, banned: list[int]) -> set[int]:
@@ -130,7 +141,7 @@ def test_rollout_layout_and_masks(compose_cfg):
     inputs = batch["inputs"]
     assert (inputs["attention_mask"][1] == 0).any()  # prompt 1 is left-padded
     torch.manual_seed(0)
-    r = module.rollout(batch)
+    r = rollout(module, batch)
     P = inputs["input_ids"].shape[1]
     L = r.completion_mask.shape[1]
     assert r.size == 2 * G and r.input_ids.shape == (8, P + L) and L <= 6
@@ -138,7 +149,7 @@ def test_rollout_layout_and_masks(compose_cfg):
     for i in range(8):
         assert torch.equal(r.input_ids[i, :P], inputs["input_ids"][i // G])
         assert torch.equal(r.attention_mask[i, :P], inputs["attention_mask"][i // G])
-    assert r.tiles == [3] * G + [1] * G
+    assert r.tiles == [3, 1]  # per prompt: pixel_values holds each prompt's tiles once
     tiles = inputs["pixel_values"].split([3, 1])
     for i in range(8):
         assert torch.equal(r.pixels_of([i]), tiles[i // G])
@@ -175,7 +186,7 @@ def test_rollout_never_samples_image_tokens(compose_cfg):
         last = module.model(**batch["inputs"]).logits[:, -1]  # (B, V)
     assert set(last.argmax(-1).tolist()) <= set(banned)  # unmasked, these would be sampled
     torch.manual_seed(0)
-    r = module.rollout(batch)  # all groups score 0: the redraw path samples too
+    r = rollout(module, batch)  # all groups score 0: the redraw path samples too
     assert r.zero_variance_sampled == 1.0
     assert not banned_in_completions(r, banned)
     assert r.completion_mask.sum() > 0
@@ -187,8 +198,9 @@ def test_resample_redraws_only_zero_variance_groups(compose_cfg, monkeypatch):
     sample = module._sample
 
     def spy(inputs):
-        draws.append((inputs, sample(inputs)))
-        return draws[-1][1]
+        gen = sample(inputs)
+        draws.append((inputs, (gen.completion_ids, gen.completion_mask, gen.texts, gen.truncated)))
+        return gen
 
     rewards = iter([[0, 0, 0, 0, 0, 1, 0, 1], [1, 0, 0, 0]])  # group 0 flat, then not
 
@@ -201,11 +213,12 @@ def test_resample_redraws_only_zero_variance_groups(compose_cfg, monkeypatch):
     monkeypatch.setattr(grpo_module, "score", fake_score)
     batch = first_prompts(dm)
     torch.manual_seed(0)
-    r = module.rollout(batch)
+    r = rollout(module, batch)
     assert len(draws) == 2  # the redraw gave group 0 variance: no third draw
     redo_inputs, (redo_ids, redo_mask, redo_texts, redo_truncated) = draws[1]
     assert torch.equal(redo_inputs["input_ids"], batch["inputs"]["input_ids"][[0]])
-    tiles0 = module._tiles(batch["inputs"]["input_ids"])[0]
+    spec = module.model.config.image_token_id, module.model.config.image_seq_length
+    tiles0 = tiles_per_row(batch["inputs"]["input_ids"], *spec)[0]
     assert torch.equal(redo_inputs["pixel_values"], batch["inputs"]["pixel_values"][:tiles0])
     first_ids, _, first_texts, first_truncated = draws[0][1]
     P, w = batch["inputs"]["input_ids"].shape[1], redo_ids.shape[1]
@@ -234,7 +247,7 @@ def test_minibatch_gradient_equals_full_batch(compose_cfg, monkeypatch, agg):
         module.model.lm_head.weight.add_(0.05 * torch.randn_like(module.model.lm_head.weight))
     backward_without_trainer(module)
     torch.manual_seed(0)
-    r = module.rollout(first_prompts(dm))
+    r = rollout(module, first_prompts(dm))
     vary_lengths(r, [1, 6, 2, 5, 3, 6, 4, 1])  # unequal lengths tell the two weightings apart
     r.advantages = torch.randn(8, dtype=torch.float64)  # a signal, whatever the rewards
 
@@ -273,7 +286,7 @@ def test_mu_above_one_uses_the_rollout_policy_logprobs(compose_cfg, monkeypatch)
 
     monkeypatch.setattr(grpo_module, "policy_loss", spy)
     torch.manual_seed(0)
-    r = module.rollout(first_prompts(dm))
+    r = rollout(module, first_prompts(dm))
     assert r.old_logprobs is not None and r.ref_logprobs is None
     r.advantages = torch.randn(8)
     opt = torch.optim.Adam(module.model.parameters(), lr=1e-2)
@@ -293,7 +306,7 @@ def test_reference_model_only_with_beta(compose_cfg):
     _, dm, module = build(compose_cfg, "module.beta=0.0")
     assert module.ref_model is None
     torch.manual_seed(0)
-    assert module.rollout(first_prompts(dm)).ref_logprobs is None
+    assert rollout(module, first_prompts(dm)).ref_logprobs is None
     _, _, with_kl = build(compose_cfg, "module.beta=0.04")
     ref = with_kl.ref_model
     assert ref is not None and not ref.training
@@ -429,9 +442,9 @@ def test_fast_paths_keep_the_plain_modules_numbers(compose_cfg):
     assert fast.model.lm_head.weight.shape[0] % 128 == 0  # the padded head is really in use
     batch = uneven_prompts(dm)  # 3 tiles and 1 tile: the shared encoding must map groups right
     torch.manual_seed(0)
-    r_plain = plain.rollout(batch)
+    r_plain = rollout(plain, batch)
     torch.manual_seed(0)
-    r_fast = fast.rollout(batch)
+    r_fast = rollout(fast, batch)
     assert torch.equal(r_plain.input_ids, r_fast.input_ids)
     assert r_plain.texts == r_fast.texts
     rows = [1, 2, 5, 7]  # a mini-batch that splits both groups
@@ -450,7 +463,7 @@ def test_mask_truncated_completions_leaves_cut_completions_out_of_the_loss(compo
     module.model.double()
     backward_without_trainer(module)
     torch.manual_seed(0)
-    r = module.rollout(first_prompts(dm))
+    r = rollout(module, first_prompts(dm))
     cut = r.truncated
     assert cut.any()
     lengths = r.completion_mask.sum(1)
@@ -467,7 +480,7 @@ def test_mask_truncated_completions_leaves_cut_completions_out_of_the_loss(compo
         return torch.cat(grads)
 
     masked = gradient(r)
-    unmasked = replace(r, loss_mask=r.completion_mask)
+    unmasked = replace(r, mask_truncated=False)
     zeroed = replace(unmasked, advantages=torch.where(cut, 0.0, r.advantages))
     torch.testing.assert_close(masked, gradient(zeroed), rtol=1e-9, atol=1e-12)
     assert not torch.allclose(masked, gradient(unmasked))

@@ -13,11 +13,12 @@ import torch
 from hydra.utils import instantiate
 from torch import nn
 
-import hcm.mining as mining
+import hcm.data.datamodule as datamodule
 import hcm.model.generation as generation
 from hcm.data.hard_cases import HardCaseSet
-from hcm.mining import mine_hard_cases, model_fingerprint
+from hcm.mining import Mining, mine, model_fingerprint
 from hcm.model.generation import banned_token_ids
+from hcm.screening_score import ScreeningScore
 
 FAST = [
     "experiment=tiny_grpo",
@@ -49,7 +50,17 @@ def attached(compose_cfg, tmp_path):
     module.trainer = L.Trainer(
         accelerator="cpu", devices=1, logger=False, default_root_dir=tmp_path
     )
+    dm.trainer = module.trainer
     return module, dm
+
+
+def mine_hard_cases(module, dm, **mining) -> list[int]:
+    """What GRPOModule.on_fit_start does: the datamodule mines with the module's policy, under
+    the rule `module.mining` with `mining` changed; the hard set it now holds."""
+    rule = Mining(**{**module.mining, **mining})
+    budget = module.eval_generation["max_new_tokens"]
+    dm.mine_hard_cases(module.mining_answer(rule), rule, str(module.model_path), budget)
+    return dm.hard_indices
 
 
 def wrong(answer: str) -> str:
@@ -65,7 +76,7 @@ class Answers:
 
     def __call__(self, batch, **kwargs):
         self.calls.append(kwargs)
-        k = kwargs.get("num_return_sequences", 1)
+        k = kwargs.get("group_size", 1)
         texts = [
             f"<think>x</think><answer>{a}</answer>" if self.right(self.position[i], s) else wrong(a)
             for i, a in zip(batch["ids"], batch["answers"], strict=True)
@@ -82,7 +93,7 @@ def test_wrong_answers_are_the_hard_cases_and_the_cache_is_reused(attached, tmp_
     cache = tmp_path / "hard.json"
     assert mine_hard_cases(module, dm, cache_path=str(cache), batch_size=8) == sorted(hard)
     assert len(answers.calls) == 3  # 24 cases, 8 per batch
-    assert answers.calls[0]["do_sample"] is False and "num_return_sequences" not in answers.calls[0]
+    assert answers.calls[0]["do_sample"] is False and "group_size" not in answers.calls[0]
     ids = [r.id for r in dm.load("train")]
     saved = HardCaseSet.load(cache)
     assert saved.hard_ids == tuple(ids[i] for i in sorted(hard))
@@ -106,9 +117,9 @@ def test_a_stale_cache_is_mined_again(attached, tmp_path, monkeypatch, change):
 
     kwargs = {}
     if change == "fingerprint":  # the weights changed
-        monkeypatch.setattr(mining, "model_fingerprint", lambda path: "0" * 64)
+        monkeypatch.setattr(datamodule, "model_fingerprint", lambda path: "0" * 64)
     elif change == "manifest":
-        monkeypatch.setattr(mining, "manifest_hash", lambda path: "f" * 64)
+        monkeypatch.setattr(datamodule, "manifest_hash", lambda path: "f" * 64)
     elif change == "params":  # the completion budget
         module.eval_generation["max_new_tokens"] = 7
     else:  # same prompt name, other text
@@ -130,8 +141,7 @@ def test_k_samples_with_a_pass_rate_threshold(attached, tmp_path, monkeypatch):
     )
     assert hard == [i for i in range(N_TRAIN) if i % 5 < 2]  # pass rate 0 or 1/4 < 0.5
     assert all(
-        c["num_return_sequences"] == 4 and c["do_sample"] and c["temperature"] == 0.7
-        for c in answers.calls
+        c["group_size"] == 4 and c["do_sample"] and c["temperature"] == 0.7 for c in answers.calls
     )
     strict = mine_hard_cases(
         module, dm, cache_path=str(tmp_path / "h1.json"), k=4, pass_threshold=1.0
@@ -145,6 +155,43 @@ def test_progress_bar(attached, tmp_path, monkeypatch, capsys):
     assert mine_hard_cases(module, dm, cache_path=str(tmp_path / "h.json"), batch_size=10) == []
     err = capsys.readouterr().err
     assert "mining hard cases" in err and "3/3" in err
+
+
+@pytest.mark.parametrize(
+    ("k", "pass_threshold", "correct", "hard"),
+    [
+        (1, 1.0, "metric", ["c2"]),  # "A" for "AC" is right by the metric
+        (1, 1.0, "exact", ["c1", "c2"]),  # ... and wrong when the whole set is needed
+        (2, 1.0, "metric", ["c0", "c2"]),  # one wrong answer of two: hard
+        (2, 0.5, "metric", ["c2"]),  # half right is enough
+    ],
+)
+def test_mine_is_a_function_of_the_answers_the_cases_and_the_rule(k, pass_threshold, correct, hard):
+    """No Lightning, no model: a stub answers (case-major, k per case) and the rule decides."""
+    answers = {  # case -> its k answers
+        "c0": ["<answer>B</answer>", "<answer>N</answer>"],
+        "c1": ["<answer>A</answer>", "<answer>A</answer>"],
+        "c2": ["<answer>D</answer>", "<answer>N</answer>"],
+    }
+    labels = {"c0": "B", "c1": "AC", "c2": "B"}
+    cut = {"c0": False, "c1": False, "c2": True}
+
+    def answer(batch):
+        texts = [t for case in batch["ids"] for t in answers[case][:k]]
+        flags = [cut[case] for case in batch["ids"] for _ in range(k)]
+        return SimpleNamespace(texts=texts, truncated=torch.tensor(flags))
+
+    ids = list(labels)
+    batches = [
+        {"ids": part, "answers": [labels[c] for c in part], "dimensions": [[] for _ in part]}
+        for part in (ids[:2], ids[2:])
+    ]
+    rule = Mining(None, k, pass_threshold, 1.0, correct, None)
+    mined = mine(answer, batches, ids, ScreeningScore(), rule)
+    assert mined.hard_ids == hard and sorted(mined.hard_ids + mined.easy_ids) == ids
+    assert mined.right.shape == mined.truncated.shape == (3, k)
+    assert mined.truncated[:, 0].tolist() == [0.0, 0.0, 1.0]
+    assert [v["id"] for v in mined.verdicts] == ids  # each case's first answer, judged
 
 
 def test_model_fingerprint(tmp_path):

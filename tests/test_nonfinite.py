@@ -160,9 +160,9 @@ def test_grpo_skips_a_nan_reward(compose_cfg, tmp_path, monkeypatch):
     POISON.add(1)
     cfg = compose_cfg("train", [*GRPO_FAST, *FAST])
     trainer, module, dm, recorder, snaps = fit(cfg, tmp_path, 3, NonFiniteGuard(2))
-    rollout = module.rollout
+    generate = module.generate
     monkeypatch.setattr(
-        module, "rollout", lambda batch: steps.append(module.global_step) or rollout(batch)
+        module, "generate", lambda batch: steps.append(module.global_step) or generate(batch)
     )
     trainer.fit(module, datamodule=dm)
     assert steps == [0, 1, 2]

@@ -25,7 +25,7 @@ from helpers import toy_reward_site
 from omegaconf import OmegaConf
 
 from hcm.checkpoints import AtomicCheckpointIO, CheckpointError, checkpoint_problem, rank_seed
-from hcm.data.datamodule import ResumableSampler
+from hcm.data.sampler import ResumableSampler
 from hcm.evaluate import evaluate
 from hcm.modules.base import scheduled_steps, warmup_cosine
 from hcm.stages import last_checkpoint

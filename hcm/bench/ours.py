@@ -2,12 +2,12 @@
 
 The module is built from the composed `module` config (conf/module/grpo.yaml and the bench's
 overrides), trains on the same fixed batch every step, and its own methods are wrapped:
-    rollout        GRPOModule.rollout (generation, decoding, rewards, advantages)
-    reference      GRPOModule._logprobs with the reference model (inside the rollout)
+    rollout        GRPOModule.generate and .reward (generation, decoding, rewards)
+    reference      GRPOModule._logprobs with the reference model
     old_logprobs   GRPOModule._logprobs with the policy without grad (mu > 1 only)
     update         GRPOModule._logprobs with grad, and manual_backward
     optimizer      torch.optim.Optimizer.step
-    step           the rest of training_step (gradient clipping, logging)
+    step           the rest of training_step (advantages, gradient clipping, logging)
 """
 
 from __future__ import annotations
@@ -31,14 +31,14 @@ class FixedBatches(L.LightningDataModule):
     """The same prompt batch `n` times, with what GRPOModule asks of its datamodule."""
 
     composition = "all"  # no hard-case mining
-    hard_indices_known = False
+    hard_indices = None
 
     def __init__(self, batch: dict, n: int):
         super().__init__()
         self.batch, self.n = batch, n
 
-    def train_batches(self, epochs: int) -> int:
-        return self.n * epochs
+    def batches_per_epoch(self, epochs: int) -> list[int]:
+        return [self.n] * epochs
 
     def train_dataloader(self) -> DataLoader:
         return DataLoader([self.batch] * self.n, batch_size=None)
@@ -63,7 +63,8 @@ class ClockCallback(L.Callback):
                 completion_width=rollout.completion_mask.shape[1],
             )
 
-        module.rollout = clock.wrap(module.rollout, "rollout", on_result=count)
+        module.generate = clock.wrap(module.generate, "rollout", on_result=count)
+        module.reward = clock.wrap(module.reward, "rollout")
         module._logprobs = clock.wrap(module._logprobs, logprob_phase(module.ref_model))
         module.manual_backward = clock.wrap(module.manual_backward, "update")
         self.handles = clock.optimizer_hooks()

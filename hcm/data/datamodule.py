@@ -9,6 +9,11 @@ Resuming mid-epoch: both training orders depend only on (seed, epoch), never on 
 and every checkpoint stores where this epoch's order had got to (`state_dict`), so a resumed run
 skips the samples it already trained on and sees the rest in the same order. Lightning saves no
 position for a plain DataLoader. (Streaming draws restart the interrupted epoch's stream.)
+
+The hard set (HCM-GRPO) is this module's: `mine_hard_cases` mines it once (hcm/mining.py) with
+the policy the GRPO module lends, or reads the cache, keeps it in every checkpoint (a stage that
+resumes, or continues from another's checkpoint, never mines again) and hands it to the one
+training sampler, which also counts the steps of the LR schedule (`batches_per_epoch`).
 """
 
 from __future__ import annotations
@@ -20,7 +25,8 @@ from typing import Any
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
 
 from hcm.data.datasets import (
     SFT_SOURCES,
@@ -31,53 +37,17 @@ from hcm.data.datasets import (
     StreamDataset,
     labels,
 )
+from hcm.data.hard_cases import HardCaseSet
 from hcm.data.images import load_sample
 from hcm.data.manifest import load_manifest, manifest_hash
 from hcm.data.records import ScreeningRecord, ScreeningSample
-from hcm.data.sampler import HardCaseSampler
+from hcm.data.sampler import EvalSampler, HardCaseSampler, ResumableSampler
+from hcm.mining import Mining, cache_params, log_truncated, mine, model_fingerprint
+from hcm.predictions import gather_rows, publish
 from hcm.prompts import Prompt
 from hcm.screening_score import ScreeningScore
 
 log = logging.getLogger(__name__)
-
-
-class ResumableSampler(DistributedSampler):
-    """torch's DistributedSampler (an order seeded by (seed, epoch), sharded by rank) that can
-    skip the first `start` indices of this rank's order, to resume mid-epoch. As a
-    DistributedSampler, Lightning leaves it in place under DDP rather than wrapping it."""
-
-    start = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        if epoch != self.epoch:  # the same epoch again (Lightning, after a resume) keeps start
-            self.start = 0
-        super().set_epoch(epoch)
-
-    def set_start(self, consumed: int) -> None:
-        self.start = consumed
-
-    def __iter__(self):
-        order = list(super().__iter__())  # reads the epoch now, as the iteration starts
-        yield from order[self.start :]
-
-
-class EvalSampler(DistributedSampler):
-    """This rank's shard of the evaluation split, in order, every sample on exactly one rank:
-
-        N = 5, 2 ranks:   rank 0: 0 2 4        rank 1: 1 3 (0)
-                          unique = 3           unique = 2; (0) repeats a sample, not scored
-
-    As torch's DistributedSampler, every rank gets ceil(N / world) rows, so that ranks run
-    the same number of batches (a sharded model's forward is collective); the shards it pads
-    with repeats come last, and the module scores only a shard's first `unique` rows
-    (ScreeningModule._unrepeated). As a DistributedSampler, Lightning leaves it in place."""
-
-    def __init__(self, dataset, rank: int, world: int):
-        super().__init__(dataset, num_replicas=world, rank=rank, shuffle=False)
-
-    @property
-    def unique(self) -> int:
-        return len(range(self.rank, len(self.dataset), self.num_replicas))
 
 
 class ScreeningDataModule(L.LightningDataModule):
@@ -132,6 +102,7 @@ class ScreeningDataModule(L.LightningDataModule):
             )
         self.streaming, self.samples_per_epoch = streaming, samples_per_epoch
         self.hard_indices: list[int] | None = None  # set by mining, or restored from a checkpoint
+        self._train_sampler: HardCaseSampler | None = None
         self.resume_position: dict[str, int] | None = None  # from a checkpoint, until used
         self.records: dict[str, list[ScreeningRecord]] = {}
 
@@ -227,13 +198,78 @@ class ScreeningDataModule(L.LightningDataModule):
     def labels(self, samples: Sequence[ScreeningSample]) -> dict[str, Any]:
         return labels(samples)
 
-    def set_hard_cases(self, indices: Sequence[int]) -> None:
-        """Hard-case indices into the train split, from mining (hcm.mining)."""
-        self.hard_indices = sorted(indices)
+    # -- the hard set (section 4.2): mined once, checkpointed, given to the sampler ----------------
+    def mine_hard_cases(self, answer, rule: Mining, policy: str, max_new_tokens: int) -> None:
+        """Set the hard set: from the cache `rule.cache_path` when it holds this policy's, this
+        manifest's and this rule's, else mined (`hcm.mining.mine`) by `answer(batch)`, the
+        initial policy answering within `max_new_tokens`. Each rank answers its shard."""
+        ids = [r.id for r in self.load(self.train_split)]
+        key = {
+            "model": policy,
+            "fingerprint": model_fingerprint(policy),
+            "manifest_sha256": manifest_hash(self.manifest(self.train_split)),
+            "params": cache_params(
+                rule,
+                max_new_tokens,
+                self.prompt,
+                self.image_layout,
+                self.model_cfg.get("max_patches"),
+            ),
+        }
+        default = Path(self.trainer.default_root_dir) / "hard_cases.json"
+        cache = Path(rule.cache_path) if rule.cache_path else default
+        found = HardCaseSet.load(cache) if cache.is_file() else None
+        stale = found.mismatches(**key) if found is not None else []
+        if found is not None and not stale:
+            log.info("hard cases from cache %s: %d hard / %d", cache, len(found.hard_ids), len(ids))
+        else:
+            if stale:
+                log.info("mining cache %s is stale (%s); mining again", cache, "; ".join(stale))
+            found = self._mine(answer, rule, key, cache)
+        self.set_hard_cases(found.indices(ids))
 
-    @property
-    def hard_indices_known(self) -> bool:
-        return self.hard_indices is not None
+    def _mine(self, answer, rule: Mining, key: dict, cache: Path) -> HardCaseSet:
+        trainer, records = self.trainer, self.load(self.train_split)
+        rank, world, _ = self._place()
+        shard, size = (
+            list(range(rank, len(records), world)),
+            rule.batch_size or self.eval_batch_size,
+        )
+        starts = range(0, len(shard), size)
+        batches = (
+            self.prompt_collate([self.train_dataset[i] for i in shard[s : s + size]])
+            for s in starts
+        )
+        bar = tqdm(batches, total=len(starts), desc="mining hard cases", disable=rank != 0)
+
+        def reduce(t: torch.Tensor) -> torch.Tensor:  # each case was answered on exactly one rank
+            return trainer.strategy.reduce(
+                t.to(trainer.strategy.root_device), reduce_op="sum"
+            ).cpu()
+
+        ids = [r.id for r in records]
+        mined = mine(answer, bar, ids, self.make_metric(), rule, reduce if world > 1 else None)
+        verdicts = gather_rows(mined.verdicts, world)
+        log_truncated(trainer, float(mined.truncated.mean()))
+        found = HardCaseSet(mined.hard_ids, mined.easy_ids, **key)
+        if trainer.is_global_zero:
+            found.save(cache)
+            # what the initial policy answered, case by case: predictions.jsonl and its gallery
+            by_id, hard = {v["id"]: v for v in verdicts}, set(mined.hard_ids)
+            rows = [
+                {**by_id[case], "pass_rate": float(mined.right[i].mean()), "hard": case in hard}
+                for i, case in enumerate(ids)
+            ]
+            folder = cache.parent / cache.stem  # hard_cases.json -> hard_cases/predictions.jsonl
+            publish(folder, rows, records, self.root, trainer.loggers, "mining/predictions")
+        trainer.strategy.barrier("hard-case cache")
+        log.info("mined %d hard cases of %d (cache %s)", len(mined.hard_ids), len(ids), cache)
+        return found
+
+    def set_hard_cases(self, indices: Sequence[int] | None) -> None:
+        """Hard-case indices into the train split (None: not mined yet)."""
+        self.hard_indices = None if indices is None else sorted(indices)
+        self._train_sampler = None  # the schedule after the switch changes with the hard set
 
     def state_dict(self) -> dict[str, Any]:
         """Saved in every checkpoint: the hard set the first run mined, and the position in the
@@ -249,7 +285,7 @@ class ScreeningDataModule(L.LightningDataModule):
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.hard_indices = state.get("hard_indices")
+        self.set_hard_cases(state.get("hard_indices"))
         self.resume_position = state.get("position")
 
     def _resume(self, sampler: HardCaseSampler | ResumableSampler) -> None:
@@ -263,9 +299,7 @@ class ScreeningDataModule(L.LightningDataModule):
         sampler.set_epoch(epoch)
         sampler.set_start(min(consumed, len(sampler)))
         log.info(
-            "checkpoint taken %d samples into epoch %d (this rank's): resuming there",
-            consumed,
-            epoch,
+            "checkpoint taken %d samples into epoch %d (this rank's): resuming", consumed, epoch
         )
 
     def _place(self) -> tuple[int, int, int]:
@@ -273,28 +307,34 @@ class ScreeningDataModule(L.LightningDataModule):
         t = self.trainer
         return (t.global_rank, t.world_size, t.current_epoch) if t else (0, 1, 0)
 
-    def _sampler(self, epoch: int) -> HardCaseSampler:
+    def _sampler(self) -> HardCaseSampler:
+        """The GRPO training sampler, built once per hard set (and rank): every epoch's loader and
+        the step count use it."""
         if self.hard_indices is None and self.composition != "all":
             raise RuntimeError(
                 f"composition {self.composition!r} needs hard cases: mine them first"
             )
         rank, world, _ = self._place()
-        sampler = HardCaseSampler(
-            len(self.train_dataset),
-            self.hard_indices or [],
-            switch_epoch=self.switch_epoch,
-            composition=self.composition,
-            seed=self.seed,
-            num_replicas=world,
-            rank=rank,
-        )
-        sampler.set_epoch(epoch)
-        return sampler
+        built = self._train_sampler
+        if built is None or (built.rank, built.num_replicas) != (rank, world):
+            self._train_sampler = HardCaseSampler(
+                len(self.train_dataset),
+                self.hard_indices or [],
+                switch_epoch=self.switch_epoch,
+                composition=self.composition,
+                seed=self.seed,
+                num_replicas=world,
+                rank=rank,
+            )
+        return self._train_sampler
 
-    def train_batches(self, epochs: int) -> int:
-        """Optimizer steps over `epochs` GRPO epochs: epoch lengths change at switch_epoch."""
-        sampler = self._sampler(0)
-        return sum(-(-sampler.epoch_length(e) // self.batch_size) for e in range(epochs))
+    def batches_per_epoch(self, epochs: int) -> list[int]:
+        """Training batches in each of `epochs` GRPO epochs (epoch lengths change at the switch).
+        Before mining, all-data epochs: exact until the switch, and asked again after mining."""
+        if self.hard_indices is None and self.composition != "all":
+            return [-(-len(self.train_dataset) // self.batch_size)] * epochs
+        sampler = self._sampler()
+        return [-(-sampler.epoch_length(e) // self.batch_size) for e in range(epochs)]
 
     def _loader(self, dataset, batch_size, collate, sampler=None) -> DataLoader:
         return DataLoader(
@@ -344,7 +384,8 @@ class ScreeningDataModule(L.LightningDataModule):
             return self._loader(self.sft_dataset, self.batch_size, self.sft_collate, sampler)
         if self.mode != "grpo":
             raise RuntimeError(f"data.mode={self.mode!r} has no training data")
-        sampler = self._sampler(epoch)
+        sampler = self._sampler()
+        sampler.set_epoch(epoch)
         self._resume(sampler)
         return self._loader(
             self.train_dataset, self.batch_size, self.prompt_collate, sampler=sampler

@@ -241,12 +241,6 @@ class HardCaseSet:
             if getattr(self, name) != value
         ]
 
-    def matches(
-        self, model: str, fingerprint: str, manifest_sha256: str, params: Mapping[str, Any]
-    ) -> bool:
-        """Whether this cache answers the requested mining (the creation time is ignored)."""
-        return not self.mismatches(model, fingerprint, manifest_sha256, params)
-
     def indices(self, ids_in_dataset_order: Iterable[str]) -> list[int]:
         """Dataset positions of the hard cases, ascending: what `HardCaseSampler` takes."""
         position: dict[str, int] = {}

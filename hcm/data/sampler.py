@@ -11,7 +11,8 @@ SFT model answered wrongly (see `hcm.data.hard_cases`) and easy cases the rest:
     all_plus_random  every sample, plus len(hard) samples drawn at random (the control arm)
 
 `epoch_indices` is the pure index logic; `HardCaseSampler` wraps it for a DataLoader, shards it
-across DDP ranks and can resume mid-epoch. Epochs before the switch do not depend on the
+across DDP ranks and can resume mid-epoch (`set_start`, the one resume mechanism, shared with SFT's
+`ResumableSampler`; `EvalSampler` shards evaluation). Epochs before the switch do not depend on the
 composition or the hard set, so with one seed all five arms train on identical orders until the
 switch, and the ablation compares only what Table 7 varies.
 """
@@ -21,14 +22,13 @@ from __future__ import annotations
 import math
 import operator
 from collections import Counter
-from collections.abc import Iterable, Iterator, Mapping
-from typing import Any
+from collections.abc import Iterable, Iterator
 
 import numpy as np
 import torch.utils.data
+from torch.utils.data import DistributedSampler
 
 COMPOSITIONS = ("all", "hard_only", "easy_only", "all_plus_hard", "all_plus_random")
-STATE_VERSION = 1
 
 # Separate random streams per purpose, so drawing the random extras never shifts an epoch's order.
 _SHUFFLE_STREAM, _EXTRA_STREAM = 0, 1
@@ -149,9 +149,11 @@ class HardCaseSampler(torch.utils.data.Sampler[int]):
 
     Call `set_epoch(e)` before each epoch (Lightning does so). `len(sampler)` is the rank's full
     count for the current epoch, and grows or shrinks at `switch_epoch`, so a trainer must
-    re-read it each epoch. To resume mid-epoch, `set_start(consumed)` (or `load_state_dict`)
-    makes the iterator skip the first `consumed` indices of this rank's order; `len` stays the
-    full count, as a trainer that restores its batch counter and stops at `len` batches expects.
+    re-read it each epoch. To resume mid-epoch, `set_start(consumed)` makes the iterator skip the
+    first `consumed` indices of this rank's order; `len` stays the full count, as a trainer that
+    restores its batch counter and stops at `len` batches expects. (The datamodule checkpoints
+    the position, `consumed`; the hard set, seed and composition come from the run's config and
+    its checkpointed hard set, so they need no state here.)
     """
 
     def __init__(
@@ -183,7 +185,6 @@ class HardCaseSampler(torch.utils.data.Sampler[int]):
                 )
         self.epoch = 0
         self.start = 0
-        self._yielded = 0
 
     def _composition_length(self) -> int:
         k = len(self.hard)
@@ -225,59 +226,46 @@ class HardCaseSampler(torch.utils.data.Sampler[int]):
         return shard(order, self.num_replicas, self.rank, self.drop_last)
 
     def __iter__(self) -> Iterator[int]:
-        self._yielded = 0
-        for index in self.rank_indices()[self.start :]:
-            self._yielded += 1
-            yield index
+        yield from self.rank_indices()[self.start :]
 
     def __len__(self) -> int:
         return self.epoch_length(self.epoch)
 
-    def state_dict(self, consumed: int | None = None) -> dict[str, Any]:
-        """The position in the schedule plus what defines the run, for checking on load.
 
-        `consumed` defaults to the offset plus the indices the current iterator has handed out.
-        A DataLoader fetches ahead of training (prefetch, workers), so that count can run ahead
-        of the samples actually trained on: pass the exact count (batches done × per-rank batch
-        size) when you have it. The state is the same on every rank, so rank 0's can be saved.
-        """
-        return {
-            "version": STATE_VERSION,
-            "epoch": self.epoch,
-            "consumed": self.start + self._yielded if consumed is None else consumed,
-            "n": self.n,
-            "hard": list(self.hard),
-            "switch_epoch": self.switch_epoch,
-            "composition": self.composition,
-            "seed": self.seed,
-            "num_replicas": self.num_replicas,
-            "drop_last": self.drop_last,
-        }
+class ResumableSampler(DistributedSampler):
+    """torch's DistributedSampler (an order seeded by (seed, epoch), sharded by rank) that can
+    skip the first `start` indices of this rank's order, to resume mid-epoch. As a
+    DistributedSampler, Lightning leaves it in place under DDP rather than wrapping it."""
 
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Resume at a saved (epoch, consumed). The constructor defines the run: a state from a
-        run with another hard set, composition, seed, size or sharding is refused, because its
-        offset would point into a different order."""
-        if state.get("version") != STATE_VERSION:
-            raise ValueError(
-                f"sampler state version {state.get('version')!r} is not {STATE_VERSION}"
-            )
-        mine = self.state_dict(consumed=0)
-        for key in ("n", "switch_epoch", "composition", "seed", "num_replicas", "drop_last"):
-            if state.get(key) != mine[key]:
-                raise ValueError(
-                    f"sampler state has {key}={state.get(key)!r} but this sampler was built "
-                    f"with {key}={mine[key]!r}; refusing to resume a different schedule"
-                )
-        theirs = sorted(state.get("hard", []))
-        if theirs != mine["hard"]:
-            only_saved = sorted(set(theirs) - set(mine["hard"]))
-            only_here = sorted(set(mine["hard"]) - set(theirs))
-            raise ValueError(
-                f"sampler state's hard set ({len(theirs)} indices) differs from this sampler's "
-                f"({len(mine['hard'])}): only in the state {only_saved[:10]}, only here "
-                f"{only_here[:10]}; was the hard-case cache re-mined?"
-            )
-        self.set_epoch(state["epoch"])
-        self.start, self._yielded = 0, 0
-        self.set_start(state["consumed"])
+    start = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        if epoch != self.epoch:  # the same epoch again (Lightning, after a resume) keeps start
+            self.start = 0
+        super().set_epoch(epoch)
+
+    def set_start(self, consumed: int) -> None:
+        self.start = consumed
+
+    def __iter__(self):
+        order = list(super().__iter__())  # reads the epoch now, as the iteration starts
+        yield from order[self.start :]
+
+
+class EvalSampler(DistributedSampler):
+    """This rank's shard of the evaluation split, in order, every sample on exactly one rank:
+
+        N = 5, 2 ranks:   rank 0: 0 2 4        rank 1: 1 3 (0)
+                          unique = 3           unique = 2; (0) repeats a sample, not scored
+
+    As torch's DistributedSampler, every rank gets ceil(N / world) rows, so that ranks run
+    the same number of batches (a sharded model's forward is collective); the shards it pads
+    with repeats come last, and the module scores only a shard's first `unique` rows
+    (ScreeningModule._unrepeated). As a DistributedSampler, Lightning leaves it in place."""
+
+    def __init__(self, dataset, rank: int, world: int):
+        super().__init__(dataset, num_replicas=world, rank=rank, shuffle=False)
+
+    @property
+    def unique(self) -> int:
+        return len(range(self.rank, len(self.dataset), self.num_replicas))

@@ -46,13 +46,15 @@ _STOP_CRITERIA: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 @dataclass
 class Generation:
-    """Completions, row order [p0c0 .. p0c(G-1), p1c0 ...] (G = num_return_sequences)."""
+    """Completions, row order [p0c0 .. p0c(G-1), p1c0 ...] (G = group_size)."""
 
     completion_ids: torch.Tensor  # (N, L) long, right-padded with the pad id
     completion_mask: torch.Tensor  # (N, L) long, 1 on generated tokens up to and with eos/stop
     texts: list[str]  # decoded without special tokens, up to the cut
     prompt_length: int  # the padded prompt length P the completions follow
     truncated: torch.Tensor  # (N,) bool: cut by max_new_tokens (neither eos nor a stop string)
+    prompt_ids: torch.Tensor  # (N, P) the prompt each row continues (each prompt G times)
+    prompt_mask: torch.Tensor  # (N, P) its attention mask (0 on left padding)
 
 
 def banned_token_ids(tokenizer) -> list[int]:
@@ -158,7 +160,7 @@ def generate(
     temperature: float = 1.0,
     top_k: int | None = None,
     top_p: float | None = None,
-    num_return_sequences: int = 1,
+    group_size: int = 1,
     stop_strings: Sequence[str] = ("</answer>",),
     cache: str = "dynamic",
     max_cache_len: int | None = None,
@@ -170,7 +172,8 @@ def generate(
     Runs the model in eval mode (its mode is restored after): in train mode with gradient
     checkpointing, transformers' decoder layers drop the KV cache. Pass the unwrapped model
     (not DDP's wrapper), its inputs on its device. `cache`, `max_cache_len`, `compile` and
-    `share_images` select the fast paths of the module docstring.
+    `share_images` select the fast paths of the module docstring. `group_size` (G): completions
+    per prompt, each prompt's G rows in a row.
     """
     sampling = (
         {"temperature": temperature, "top_k": top_k or 0, "top_p": 1.0 if top_p is None else top_p}
@@ -197,12 +200,10 @@ def generate(
     checkpoints, model.generation_config = model.generation_config, GenerationConfig()
     try:
         if share_images and "pixel_values" in inputs:
-            inputs = _shared_image_inputs(model, inputs, num_return_sequences)
-        elif num_return_sequences > 1:
+            inputs = _shared_image_inputs(model, inputs, group_size)
+        elif group_size > 1:
             cfg = model.config
-            inputs = repeat_batch(
-                inputs, num_return_sequences, cfg.image_token_id, cfg.image_seq_length
-            )
+            inputs = repeat_batch(inputs, group_size, cfg.image_token_id, cfg.image_seq_length)
         sequences = model.generate(
             **inputs,
             generation_config=config,
@@ -214,7 +215,8 @@ def generate(
     prompt_length = inputs["input_ids"].shape[1]
     ids, mask, texts = truncate_completions(sequences[:, prompt_length:], tokenizer, stop_strings)
     truncated = ran_out(ids, mask, texts, tokenizer.eos_token_id, max_new_tokens, stop_strings)
-    return Generation(ids, mask, texts, prompt_length, truncated)
+    prompts = inputs["input_ids"], inputs["attention_mask"]  # (N, P) as sampled from
+    return Generation(ids, mask, texts, prompt_length, truncated, *prompts)
 
 
 def ran_out(
@@ -234,8 +236,8 @@ def ran_out(
     return (lengths >= max_new_tokens) & (last != eos) & ~stopped
 
 
-def _shared_image_inputs(model, inputs: dict, repeats: int) -> dict:
-    """The prompts `repeats` times each, as embeddings holding each prompt's images encoded once.
+def _shared_image_inputs(model, inputs: dict, group_size: int) -> dict:
+    """The prompts `group_size` times each, as embeddings holding each prompt's images encoded once.
 
     `generate` prefills from `inputs_embeds` and keeps `input_ids` to return the prompt with the
     completion, as with `pixel_values`.
@@ -243,11 +245,11 @@ def _shared_image_inputs(model, inputs: dict, repeats: int) -> dict:
     cfg = model.config
     tiles = tiles_per_row(inputs["input_ids"], cfg.image_token_id, cfg.image_seq_length)
     features = image_features(model, inputs["pixel_values"].to(model.dtype))  # (tiles, T_img, D)
-    input_ids = inputs["input_ids"].repeat_interleave(repeats, dim=0)  # (B*G, P)
-    prompt_index = torch.arange(len(tiles), device=input_ids.device).repeat_interleave(repeats)
+    input_ids = inputs["input_ids"].repeat_interleave(group_size, dim=0)  # (B*G, P)
+    prompt_index = torch.arange(len(tiles), device=input_ids.device).repeat_interleave(group_size)
     return {
         "input_ids": input_ids,
-        "attention_mask": inputs["attention_mask"].repeat_interleave(repeats, dim=0),
+        "attention_mask": inputs["attention_mask"].repeat_interleave(group_size, dim=0),
         "inputs_embeds": embeds_with_shared_images(
             model, input_ids, features, tiles, prompt_index
         ),  # (B*G, P, D)

@@ -188,19 +188,19 @@ def tiles_per_row(input_ids: torch.Tensor, image_token_id: int, image_seq_length
 
 
 def repeat_batch(
-    batch: Mapping[str, torch.Tensor], repeats: int, image_token_id: int, image_seq_length: int
+    batch: Mapping[str, torch.Tensor], group_size: int, image_token_id: int, image_seq_length: int
 ) -> dict[str, torch.Tensor]:
-    """Each sample `repeats` times in a row ([p0]*G + [p1]*G ...), its image tiles with it.
-
-    What `generate(num_return_sequences=G)` does to its inputs, for the policy's forward over
-    the G completions of each prompt. A row's tile count is its number of `<IMG_CONTEXT>`
+    """Each sample `group_size` (G) times in a row ([p0]*G + [p1]*G ...), its image tiles with it:
+    what `generate(group_size=G)` samples from. A row's tile count is its number of `<IMG_CONTEXT>`
     tokens / image_seq_length.
     """
-    out = {k: v.repeat_interleave(repeats, dim=0) for k, v in batch.items() if k != "pixel_values"}
+    out = {
+        k: v.repeat_interleave(group_size, dim=0) for k, v in batch.items() if k != "pixel_values"
+    }
     if "pixel_values" in batch:
         tiles = tiles_per_row(batch["input_ids"], image_token_id, image_seq_length)
         per_row = torch.split(batch["pixel_values"], tiles)
-        out["pixel_values"] = torch.cat([t for t in per_row for _ in range(repeats)])
+        out["pixel_values"] = torch.cat([t for t in per_row for _ in range(group_size)])
     return out
 
 

@@ -11,7 +11,7 @@ the plain path's, computed once. (Exact because InternViT has no dropout; with d
 would share one mask.)
 
 Rows map to prompts by `prompt_index`; `rows_by_prompt` builds it for the prompt-major layout
-[p0c0 .. p0c(G-1), p1c0 ...] of `hcm.modules.grpo.Rollout`.
+[p0c0 .. p0c(G-1), p1c0 ...] of `hcm.rollout.Rollout`.
 """
 
 from __future__ import annotations

@@ -203,7 +203,7 @@ class ScreeningModule(L.LightningModule):
 
     def _unrepeated(self, batch_idx: int, n: int) -> int:
         """How many of this evaluation batch's n rows to score: all but the repeats that pad a
-        rank's shard (hcm.data.datamodule.EvalSampler), so each sample counts once."""
+        rank's shard (hcm.data.sampler.EvalSampler), so each sample counts once."""
         loaders = self.trainer.val_dataloaders if self.trainer.validating else None
         loader = loaders if loaders is not None else self.trainer.test_dataloaders
         unique = getattr(getattr(loader, "sampler", None), "unique", None)

@@ -1,18 +1,14 @@
 """Stage 2: GRPO (eqs. 2-5) with the DPA reward (eq. 7), and hard-case mining (HCM-GRPO).
 
-One training step, as in the paper:
+One training step, as in the paper (`training_step`, one line each):
     rollout    = G completions per prompt from the current policy (top_k, top_p, temperature)
     rewards    = weighted reward functions (format + accuracy for GRPO, format + dpa for DPA-GRPO)
     advantages = group_advantages(rewards, G)                                  (eq. 2)
+    old, ref   = the log-probs the loss holds fixed: pi_old (mu > 1) and pi_ref (beta > 0)
     loss       = policy_loss(logprobs, old, ref, advantages)                   (eqs. 3-5)
 repeated `num_iterations` (mu) times over the same rollout, each pass one optimizer step whose
 gradient accumulates over mini-batches of completions (weighted to equal the full-batch one).
-
-Batch layout: a dataloader batch holds B prompts; the rollout holds their B*G completions,
-prompt-major, as every (B*G, ...) tensor here:
-
-    rows   [p0c0, p0c1, ..., p0c{G-1}, p1c0, ..., p{B-1}c{G-1}]
-    tiles  pixel_values holds each row's image tiles in row order (prompt p's tiles G times)
+What a step logs is `hcm.modules.grpo_log`'s job; the rollout's layout is `hcm.rollout`'s.
 
 The ratio and the KL are taken over the model's full softmax at the sampling temperature, not
 the top-k/top-p-truncated distribution the completions were drawn from (as TRL does): the
@@ -26,152 +22,81 @@ the completion budget can be left out of the loss (TRL's mask_truncated_completi
 default (they keep their reward, 0 without an answer, and their advantage). The LR schedule
 steps once per rollout (per dataloader batch), whatever mu; `global_step` counts optimizer
 steps, mu per rollout.
+
+Hard-case mining is the datamodule's (`ScreeningDataModule.mine_hard_cases`): this module only
+lends it the initial policy, before the first GRPO step.
 """
 
 from __future__ import annotations
 
 import contextlib
-import logging
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
 from typing import Any
 
 import torch
 
 from hcm.faults import fault_point
-from hcm.grpo import (
-    AGGREGATIONS,
-    group_advantages,
-    policy_loss,
-    truncation_mask,
-    zero_variance_groups,
-)
+from hcm.grpo_math import group_advantages, policy_loss, zero_variance_groups
 from hcm.logprobs import completion_logprobs
+from hcm.mining import Mining
 from hcm.modules.base import ScreeningModule, scheduled_steps
+from hcm.modules.grpo_log import GRPOStepLog
 from hcm.rewards import score
-
-log = logging.getLogger(__name__)
-
-
-@dataclass
-class Rollout:
-    """G completions for each of B prompts, laid out [p0c0 .. p0c{G-1}, p1c0, ...]."""
-
-    input_ids: torch.Tensor  # (B*G, P+L) prompt (left-padded) + completion (right-padded)
-    attention_mask: torch.Tensor  # (B*G, P+L)
-    completion_mask: torch.Tensor  # (B*G, L)
-    truncated: torch.Tensor  # (B*G,) bool: cut by max_new_tokens (no eos, no </answer>)
-    loss_mask: torch.Tensor  # (B*G, L) completion_mask, less truncated rows when masked
-    pixel_values: torch.Tensor  # (tiles of all rows, 3, H, W), each prompt's tiles G times
-    tiles: list[int]  # (B*G,) tiles per row, to slice pixel_values by row
-    texts: list[str]  # (B*G,)
-    answers: list[str]  # (B*G,) each prompt's label G times
-    rewards: torch.Tensor  # (B*G,) weighted sum of the reward functions
-    per_reward: dict[str, torch.Tensor]  # name -> (B*G,) unweighted
-    advantages: torch.Tensor  # (B*G,)
-    zero_variance_sampled: float  # fraction of groups with equal rewards before any redraw
-    old_logprobs: torch.Tensor | None = None  # (B*G, L), None when mu == 1
-    ref_logprobs: torch.Tensor | None = None  # (B*G, L), None when beta == 0
-
-    @property
-    def size(self) -> int:
-        return self.input_ids.shape[0]
-
-    def pixels_of(self, rows: list[int]) -> torch.Tensor:
-        """The tiles of rows `rows` (pixel_values is flattened in row order)."""
-        per_row = self.pixel_values.split(self.tiles)
-        return torch.cat([per_row[r] for r in rows])
-
-
-def pad_right(tensors: list[torch.Tensor], value: int) -> torch.Tensor:
-    """Stack (n_i, L_i) tensors into (sum n_i, max L_i), padding on the right."""
-    width = max(t.shape[1] for t in tensors)
-    return torch.cat(
-        [torch.nn.functional.pad(t, (0, width - t.shape[1]), value=value) for t in tensors]
-    )
-
-
-def minibatches(n: int, size: int | None) -> list[list[int]]:
-    """Consecutive row ranges of at most `size` rows (all n rows at once when size is None)."""
-    size = size or n
-    return [list(range(i, min(i + size, n))) for i in range(0, n, size)]
-
-
-def loss_share(mask: torch.Tensor, n_rows: int, n_tokens: int, agg: str) -> float:
-    """Weight of a mini-batch's loss so that the weighted sum over mini-batches is the full loss.
-
-    `policy_loss` averages within the mini-batch: over its rows ("sequence_mean") or over its
-    real tokens ("token_mean"). The full batch averages over all n_rows rows / n_tokens tokens,
-    so each mini-batch weighs by its share of those. A Python float: exact in any dtype.
-    """
-    if agg not in AGGREGATIONS:
-        raise ValueError(f"agg must be one of {AGGREGATIONS}, got {agg!r}")
-    if agg == "token_mean":
-        return int(mask.sum()) / max(n_tokens, 1)
-    return mask.shape[0] / n_rows
+from hcm.rollout import Rollout, loss_share, minibatches
 
 
 class GRPOModule(ScreeningModule):
+    """Every argument is a key of conf/module/grpo.yaml, where its default and meaning live."""
+
     def __init__(
         self,
+        *,
         model: dict,
-        freeze: dict | None = None,
-        optimizer: dict | None = None,
-        scheduler: dict | None = None,
-        eval_generation: dict | None = None,
-        group_size: int = 4,
-        beta: float = 0.04,
-        kl_clamp: float | None = None,
-        clip_eps: float = 0.2,
-        clip_eps_high: float | None = None,
-        num_iterations: int = 1,
-        loss_level: str = "token",
-        loss_agg: str = "sequence_mean",
-        advantage_scale: str = "group",
-        rewards: dict | None = None,
-        sampling: dict | None = None,
-        mini_batch_size: int | None = None,
-        logprob_chunk_size: int = 1024,
-        max_grad_norm: float | None = 1.0,
-        resample_zero_variance: int = 0,
-        mask_truncated_completions: bool = False,
-        mining: dict | None = None,
-        log_completions_every_n_steps: int = 50,
-        log_completions_prompts: int = 2,
-        fast: dict | None = None,
-        stop_at_switch: bool = False,
+        freeze: dict,
+        optimizer: dict,
+        scheduler: dict,
+        eval_generation: dict,
+        group_size: int,
+        beta: float,
+        kl_clamp: float | None,
+        clip_eps: float,
+        clip_eps_high: float | None,
+        num_iterations: int,
+        loss_level: str,
+        loss_agg: str,
+        advantage_scale: str,
+        rewards: dict,
+        sampling: dict,
+        mini_batch_size: int | None,
+        logprob_chunk_size: int,
+        max_grad_norm: float | None,
+        resample_zero_variance: int,
+        mask_truncated_completions: bool,
+        mining: dict,
+        log_completions_every_n_steps: int,
+        log_completions_prompts: int,
+        fast: dict,
+        stop_at_switch: bool,
     ):
         super().__init__(model, freeze, optimizer, scheduler, eval_generation)
-        if loss_agg not in AGGREGATIONS:
-            raise ValueError(f"module.loss_agg must be one of {AGGREGATIONS}, got {loss_agg!r}")
         self.automatic_optimization = False  # mu updates and mini-batches per rollout
         self.G, self.beta, self.kl_clamp = group_size, beta, kl_clamp
         self.clip_eps, self.clip_eps_high = clip_eps, clip_eps_high
         self.num_iterations = num_iterations
         self.loss_level, self.loss_agg, self.advantage_scale = loss_level, loss_agg, advantage_scale
-        self.reward_weights = dict(rewards or {"format": 1.0, "dpa": 1.0})
-        self.sampling = {
-            "temperature": 1.0,
-            "top_k": 3,
-            "top_p": 0.8,
-            "max_new_tokens": 256,
-            **(sampling or {}),
-        }
+        self.reward_weights, self.sampling = dict(rewards), dict(sampling)
         self.mini_batch_size = mini_batch_size
         self.logprob_chunk_size, self.max_grad_norm = logprob_chunk_size, max_grad_norm
         self.resample_zero_variance = resample_zero_variance
         self.mask_truncated_completions = mask_truncated_completions
-        self.mining = dict(mining or {})
-        # Speed-ups that keep the plain path's numbers (tests/test_fast_paths.py); off by default.
-        self.fast = {
-            "share_images": False,
-            "cache": "dynamic",
-            "max_cache_len": None,
-            "compile": False,
-            **(fast or {}),
-        }
-        self.log_completions_every_n_steps = log_completions_every_n_steps
-        self.log_completions_prompts = log_completions_prompts
+        self.mining = dict(mining)
+        self.step_log = GRPOStepLog(
+            log_completions_every_n_steps,
+            log_completions_prompts,
+            log_resampled=resample_zero_variance > 0,
+        )
+        self.fast = dict(fast)  # speed-ups that keep the plain path's numbers; off by default
         self.stop_at_switch = stop_at_switch
         self.ref_model: Any = None
 
@@ -188,6 +113,9 @@ class GRPOModule(ScreeningModule):
         (embeddings, norms, lm_head) into one tensor, which must have one dtype: the policy's."""
         strategy = self._trainer.strategy if self._trainer is not None else None
         return "fp32" if type(strategy).__name__ == "FSDPStrategy" else None
+
+    def configure_callbacks(self) -> list:
+        return [self.step_log]  # notes each step's start; training_step's last line logs it
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         super().on_save_checkpoint(checkpoint)
@@ -208,15 +136,10 @@ class GRPOModule(ScreeningModule):
     def total_steps(self) -> int:
         """Rollouts of the whole fit (the schedule steps once per rollout). Epochs after
         switch_epoch are longer (all_plus_hard), which Lightning's estimate misses."""
-        trainer, dm = self.trainer, self.trainer.datamodule
+        trainer = self.trainer
         if trainer.max_epochs in (None, -1):  # iteration-based: max_steps alone decides
             return -(-trainer.max_steps // self.num_iterations)
-        epochs = trainer.max_epochs
-        if not dm.hard_indices_known and dm.composition != "all":
-            # Before mining (the scheduler's first call): all-data epochs; exact from step 1.
-            per_epoch = [-(-len(dm.train_dataset) // dm.batch_size)] * epochs
-        else:
-            per_epoch = [dm.train_batches(e + 1) - dm.train_batches(e) for e in range(epochs)]
+        per_epoch = trainer.datamodule.batches_per_epoch(trainer.max_epochs)
         return scheduled_steps(
             per_epoch, trainer.limit_train_batches, trainer.max_steps, self.num_iterations
         )
@@ -227,18 +150,26 @@ class GRPOModule(ScreeningModule):
         dm = self.trainer.datamodule
         # A shared first stage (stop_at_switch) mines for the stages that continue from its
         # checkpoint: they restore the hard set with it, mined by the initial policy.
-        needed = dm.composition != "all" or self.stop_at_switch
-        if not needed or dm.hard_indices_known:
+        if dm.hard_indices is not None or (dm.composition == "all" and not self.stop_at_switch):
             return
-        from hcm.mining import mine_hard_cases
-
         # Mining may sample (k > 1); training draws the same RNG stream whether it mined or found
         # the cache, so the five arms of Table 7 sample alike and a rerun repeats the first run.
         # Under trainer.precision's autocast, as validation: the fp32 policy decodes in bf16.
+        rule = Mining(**self.mining)
+        budget = self.eval_generation["max_new_tokens"]
         forked = torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else [])
         with forked, self.trainer.precision_plugin.forward_context():
-            hard = mine_hard_cases(self, dm, **self.mining)
-        dm.set_hard_cases(hard)
+            dm.mine_hard_cases(self.mining_answer(rule), rule, str(self.model_path), budget)
+
+    def mining_answer(self, rule: Mining) -> Callable[[dict], Any]:
+        """`answer(batch)` for mining: this policy, decoding as the rule asks (greedy, or k
+        samples), within the evaluation budget."""
+
+        def answer(batch: dict) -> Any:
+            batch = self.transfer_batch_to_device(batch, self.device, 0)
+            return self.answer(batch, **rule.sampling())
+
+        return answer
 
     def on_train_epoch_end(self) -> None:
         # Table 7's shared first stage ends at the switch; its last.ckpt (written at this epoch's
@@ -248,23 +179,86 @@ class GRPOModule(ScreeningModule):
 
     # -- the GRPO step ---------------------------------------------------------------------------
     def training_step(self, batch: dict, batch_idx: int) -> None:
-        t0 = time.perf_counter()
-        rollout = self.rollout(batch)  # G completions per prompt, rewards, advantages (eq. 2)
-        t_rollout = time.perf_counter() - t0
-        fault_point("grpo_step")
+        """One GRPO step on a batch of B prompts; the module docstring maps it to the paper."""
+        rollout = self.generate(batch)  # G completions per prompt: (B*G, ...)
+        self.reward(rollout)  # rollout.rewards (B*G,): eqs. 6-7
+        rollout.advantages = group_advantages(rollout.rewards, self.G, self.advantage_scale)
+        rollout.old_logprobs, rollout.ref_logprobs = self.fixed_logprobs(rollout)  # pi_old, pi_ref
+        stats = self.update(rollout)  # eqs. 3-5: mu optimizer steps, then the LR schedule's
+        self.step_log.log_step(self, rollout, stats)  # hcm.modules.grpo_log
+
+    @torch.no_grad()
+    def generate(self, batch: dict) -> Rollout:
+        """G completions of each prompt of the batch, laid out as `hcm.rollout` draws."""
+        from hcm.model.inputs import tiles_per_row
+
+        inputs, G = batch["inputs"], self.G  # on self.device: Lightning moved the batch
+        gen = self._sample(inputs)  # the one place each prompt is repeated G times
+        cfg = self.model.config
+        return Rollout(
+            G=G,
+            input_ids=torch.cat([gen.prompt_ids, gen.completion_ids], 1),  # (B*G, P+L)
+            attention_mask=torch.cat([gen.prompt_mask, gen.completion_mask], 1),  # (B*G, P+L)
+            completion_mask=gen.completion_mask,  # (B*G, L)
+            truncated=gen.truncated,  # (B*G,)
+            pixel_values=inputs["pixel_values"],  # each prompt's tiles once
+            tiles=tiles_per_row(inputs["input_ids"], cfg.image_token_id, cfg.image_seq_length),
+            texts=list(gen.texts),
+            answers=[a for a in batch["answers"] for _ in range(G)],  # (B*G,)
+            mask_truncated=self.mask_truncated_completions,
+        )
+
+    @torch.no_grad()
+    def reward(self, rollout: Rollout) -> None:
+        """Score the completions (eqs. 6-7; on the CPU). With `resample_zero_variance`, DAPO's
+        dynamic sampling first redraws, up to that many times, the groups whose G rewards are
+        equal (they carry no signal), in place."""
+        G = self.G
+        rollout.rewards, rollout.per_reward = score(
+            rollout.texts, rollout.answers, self.reward_weights
+        )  # (B*G,)
+        flat = zero_variance_groups(rollout.rewards, G)  # (B,)
+        rollout.zero_variance_sampled = flat.float().mean().item()
+        for _ in range(self.resample_zero_variance):
+            prompts = zero_variance_groups(rollout.rewards, G).nonzero().squeeze(1).tolist()
+            if not prompts:
+                break
+            gen = self._sample(self._select_prompts(rollout, prompts))
+            rows = [p * G + g for p in prompts for g in range(G)]  # their rows in the rollout
+            texts, pad = list(gen.texts), self.tokenizer.pad_token_id
+            rewards, parts = score(texts, [rollout.answers[r] for r in rows], self.reward_weights)
+            rollout.replace_rows(
+                rows, gen.completion_ids, gen.completion_mask, texts, gen.truncated, pad
+            )
+            rollout.rewards[rows] = rewards
+            for name in rollout.per_reward:
+                rollout.per_reward[name][rows] = parts[name]
+
+    @torch.no_grad()
+    def fixed_logprobs(self, rollout: Rollout) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(B*G, L) twice: pi_old's log-probs (mu > 1: the ratio is against the rollout policy;
+        else None, the current ones detached) and pi_ref's (None when beta == 0)."""
+        chunks = minibatches(rollout.size, self.mini_batch_size)
+
+        def of(model) -> torch.Tensor:
+            return torch.cat([self._logprobs(model, rollout, rows) for rows in chunks])
+
+        old = of(self.model) if self.num_iterations > 1 else None
+        ref = of(self.ref_model) if self.ref_model is not None else None
+        return old, ref
+
+    def update(self, rollout: Rollout) -> dict[str, float]:
+        """mu optimizer steps on the rollout, then one step of the LR schedule; the loss
+        statistics of the last pass and the update's duration ("time/update", seconds)."""
+        fault_point("grpo_step")  # tests/test_resume.py kills a run here
+        start = time.perf_counter()
         opt = self.optimizers()
-        lr = opt.param_groups[0]["lr"]  # the LR of this step's updates
-        rollout_step = self.global_step // self.num_iterations
         for _ in range(self.num_iterations):  # mu optimizer steps on the same completions
             stats = self.accumulate_gradients(rollout)  # the loss of eqs. 3-5
             opt.step()  # clips first (on_before_optimizer_step)
             opt.zero_grad(set_to_none=True)
         self.lr_schedulers().step()
-        t_update = time.perf_counter() - t0 - t_rollout
-        self._log_step(rollout, stats, lr, t_rollout, t_update)  # stats of the last pass
-        every = self.log_completions_every_n_steps
-        if every and rollout_step % every == 0:
-            self._log_completions(rollout)
+        return {**stats, "time/update": time.perf_counter() - start}
 
     def on_before_optimizer_step(self, optimizer) -> None:
         # Here rather than before opt.step(): after hcm.nonfinite's guard has seen the raw norm.
@@ -273,62 +267,19 @@ class GRPOModule(ScreeningModule):
                 optimizer, gradient_clip_val=self.max_grad_norm, gradient_clip_algorithm="norm"
             )
 
-    @torch.no_grad()
-    def rollout(self, batch: dict) -> Rollout:
-        """Sample, score and prepare the completions of one batch of prompts (no gradient)."""
-        from hcm.model.inputs import repeat_batch
-
-        inputs, G = batch["inputs"], self.G  # on self.device: Lightning moved the batch
-        answers = [a for a in batch["answers"] for _ in range(G)]  # (B*G,)
-        ids, mask, texts, truncated = self._sample(inputs)  # (B*G, L), (B*G, L), (B*G,), (B*G,)
-        rewards, per_reward = score(texts, answers, self.reward_weights)  # (B*G,) on the CPU
-        zero_variance_sampled = zero_variance_groups(rewards, G).float().mean().item()
-        for _ in range(self.resample_zero_variance):
-            flat = zero_variance_groups(rewards, G).nonzero().squeeze(1).tolist()  # prompts
-            if not flat:
-                break
-            ids, mask = self._redraw(
-                inputs, flat, ids, mask, texts, truncated, answers, rewards, per_reward
-            )
-        prompts = repeat_batch(inputs, G, *self._image_spec())  # each prompt G times
-        rollout = Rollout(
-            input_ids=torch.cat([prompts["input_ids"], ids], 1),  # (B*G, P+L)
-            attention_mask=torch.cat([prompts["attention_mask"], mask], 1),  # (B*G, P+L)
-            completion_mask=mask,
-            truncated=truncated,
-            loss_mask=truncation_mask(mask, truncated) if self.mask_truncated_completions else mask,
-            pixel_values=prompts["pixel_values"],
-            tiles=self._tiles(prompts["input_ids"]),
-            texts=texts,
-            answers=answers,
-            rewards=rewards.to(self.device),
-            per_reward={k: v.to(self.device) for k, v in per_reward.items()},
-            advantages=group_advantages(rewards, G, scale=self.advantage_scale).to(self.device),
-            zero_variance_sampled=zero_variance_sampled,
-        )
-        chunks = minibatches(rollout.size, self.mini_batch_size)
-        if self.num_iterations > 1:  # mu > 1: the ratio is against the rollout policy
-            rollout.old_logprobs = torch.cat(
-                [self._logprobs(self.model, rollout, r) for r in chunks]
-            )
-        if self.ref_model is not None:
-            rollout.ref_logprobs = torch.cat(
-                [self._logprobs(self.ref_model, rollout, r) for r in chunks]
-            )
-        return rollout
-
     def accumulate_gradients(self, rollout: Rollout) -> dict[str, float]:
         """Backward of the full-batch loss, a mini-batch at a time; its value and statistics.
 
         Each mini-batch's loss is weighted by its share of the full batch (`loss_share`), so the
         accumulated gradient is the full batch's whatever `mini_batch_size`.
         """
-        n_tokens = int(rollout.loss_mask.sum())
+        loss_mask = rollout.loss_mask  # (B*G, L)
+        n_tokens = int(loss_mask.sum())
         totals: dict[str, torch.Tensor] = {}
         chunks = minibatches(rollout.size, self.mini_batch_size)
         for i, rows in enumerate(chunks):
             with contextlib.nullcontext() if i == len(chunks) - 1 else self._no_grad_sync():
-                stats = self._backward(rollout, rows, n_tokens)
+                stats = self._backward(rollout, rows, loss_mask[rows], n_tokens)
             for k, v in stats.items():
                 totals[k] = totals.get(k, 0.0) + v
         return {k: float(v) for k, v in totals.items()}
@@ -341,9 +292,9 @@ class GRPOModule(ScreeningModule):
             return strategy.block_backward_sync()
         return contextlib.nullcontext()
 
-    def _backward(self, rollout: Rollout, rows: list[int], n_tokens: int) -> dict:
-        """Backward of one mini-batch's weighted loss; its weighted statistics (tensors)."""
-        mask = rollout.loss_mask[rows]  # (n, L)
+    def _backward(self, rollout: Rollout, rows: list[int], mask: torch.Tensor, n_tokens: int):
+        """Backward of one mini-batch's weighted loss (mask: its (n, L) loss mask); its weighted
+        statistics (tensors)."""
         logprobs = self._logprobs(self.model, rollout, rows)  # (n, L), with grad
         old = logprobs.detach() if rollout.old_logprobs is None else rollout.old_logprobs[rows]
         ref = None if rollout.ref_logprobs is None else rollout.ref_logprobs[rows]
@@ -351,7 +302,7 @@ class GRPOModule(ScreeningModule):
             logprobs,
             old,
             ref,
-            rollout.advantages[rows],
+            rollout.advantages[rows].to(self.device),  # (n,)
             mask,
             clip_eps=self.clip_eps,
             clip_eps_high=self.clip_eps_high,
@@ -368,12 +319,13 @@ class GRPOModule(ScreeningModule):
         weighted |= {k: v.detach() * token_share for k, v in stats.items()}
         return weighted
 
-    def _sample(self, inputs: dict) -> tuple[torch.Tensor, torch.Tensor, list[str], torch.Tensor]:
-        """G completions per prompt (generate masks InternVL's image and chat tokens)."""
+    def _sample(self, inputs: dict) -> Any:
+        """G completions per prompt, a Generation (generate masks InternVL's image and chat
+        tokens)."""
         from hcm.model.generation import generate
 
         s = self.sampling
-        gen = generate(
+        return generate(
             self.model,
             inputs,
             self.tokenizer,
@@ -382,49 +334,22 @@ class GRPOModule(ScreeningModule):
             temperature=s["temperature"],
             top_k=s["top_k"],
             top_p=s["top_p"],
-            num_return_sequences=self.G,
+            group_size=self.G,
             cache=self.fast["cache"],
             max_cache_len=self.fast["max_cache_len"],
             compile=self.fast["compile"],
             share_images=self.fast["share_images"],
         )
-        return gen.completion_ids, gen.completion_mask, list(gen.texts), gen.truncated
 
-    def _redraw(
-        self,
-        inputs: dict,
-        prompts: list[int],
-        ids: torch.Tensor,
-        mask: torch.Tensor,
-        texts: list[str],
-        truncated: torch.Tensor,
-        answers: list[str],
-        rewards: torch.Tensor,
-        per_reward: dict[str, torch.Tensor],
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """DAPO's dynamic sampling: draw the groups of `prompts` again, in place.
-
-        Replaces their rows in `texts`, `truncated`, `rewards` and `per_reward`; returns the new
-        ids and mask
-        (widened when a redrawn completion is longer than every earlier one).
-        """
-        G, n = self.G, ids.shape[0]
-        new_ids, new_mask, new_texts, new_truncated = self._sample(
-            self._select_prompts(inputs, prompts)
-        )
-        rows = [p * G + g for p in prompts for g in range(G)]  # their rows in the rollout
-        new_rewards, new_parts = score(new_texts, [answers[r] for r in rows], self.reward_weights)
-        both_ids = pad_right([ids, new_ids], self.tokenizer.pad_token_id)  # (n + len(rows), L')
-        both_mask = pad_right([mask, new_mask], 0)
-        ids, mask = both_ids[:n].clone(), both_mask[:n].clone()  # (n, L')
-        ids[rows], mask[rows] = both_ids[n:], both_mask[n:]
-        for j, r in enumerate(rows):
-            texts[r] = new_texts[j]
-        truncated[rows] = new_truncated
-        rewards[rows] = new_rewards
-        for name in per_reward:
-            per_reward[name][rows] = new_parts[name]
-        return ids, mask
+    def _select_prompts(self, rollout: Rollout, prompts: list[int]) -> dict:
+        """The prompts `prompts` of the rollout as a generation batch, with their image tiles."""
+        first_rows = [p * self.G for p in prompts]
+        P = rollout.input_ids.shape[1] - rollout.completion_mask.shape[1]
+        return {
+            "input_ids": rollout.input_ids[first_rows, :P],
+            "attention_mask": rollout.attention_mask[first_rows, :P],
+            "pixel_values": rollout.pixels_of(first_rows),
+        }
 
     def _logprobs(self, model, rollout: Rollout, rows: list[int]) -> torch.Tensor:
         kwargs = {
@@ -438,85 +363,9 @@ class GRPOModule(ScreeningModule):
 
             firsts, prompt_index = rows_by_prompt(rows, self.G)
             pixels = rollout.pixels_of(firsts).to(model.dtype)  # each distinct prompt's tiles once
-            tiles = [rollout.tiles[r] for r in firsts]
+            tiles = [rollout.tiles[r // self.G] for r in firsts]
             return shared_image_logprobs(
                 model, ids, attn, pixels, tiles, prompt_index, mask, **kwargs
             )
         pixels = rollout.pixels_of(rows).to(model.dtype)
         return completion_logprobs(model, ids, attn, pixels, mask, **kwargs)  # (len(rows), L)
-
-    def _image_spec(self) -> tuple[int, int]:
-        cfg = self.model.config
-        return cfg.image_token_id, cfg.image_seq_length
-
-    def _tiles(self, input_ids: torch.Tensor) -> list[int]:
-        from hcm.model.inputs import tiles_per_row
-
-        return tiles_per_row(input_ids, *self._image_spec())
-
-    def _select_prompts(self, inputs: dict, prompts: list[int]) -> dict:
-        """The sub-batch of the given prompts, with their image tiles."""
-        per_prompt = inputs["pixel_values"].split(self._tiles(inputs["input_ids"]))
-        return {
-            "input_ids": inputs["input_ids"][prompts],
-            "attention_mask": inputs["attention_mask"][prompts],
-            "pixel_values": torch.cat([per_prompt[p] for p in prompts]),
-        }
-
-    # -- logging ----------------------------------------------------------------------------------
-    def _log_step(
-        self,
-        rollout: Rollout,
-        stats: dict[str, float],
-        lr: float,
-        t_rollout: float,
-        t_update: float,
-    ) -> None:
-        lengths = rollout.completion_mask.sum(1).float()  # (B*G,)
-        values = {
-            "train/loss": stats["loss"],
-            "train/reward/total": rollout.rewards.mean(),
-            "train/reward/total_std": rollout.rewards.std(),
-            "train/advantage_std": rollout.advantages.std(),
-            "train/zero_variance_groups": zero_variance_groups(rollout.rewards, self.G)
-            .float()
-            .mean(),
-            "train/completion_length/mean": lengths.mean(),
-            "train/completion_length/max": lengths.max(),
-            "train/completion_length/truncated_frac": rollout.truncated.float().mean(),
-            "train/lr": lr,
-            "train/time/rollout": t_rollout,
-            "train/time/update": t_update,
-        }
-        if self.resample_zero_variance:
-            values["train/zero_variance_groups_sampled"] = rollout.zero_variance_sampled
-        for name, r in rollout.per_reward.items():
-            values[f"train/reward/{name}"] = r.mean()
-            values[f"train/reward/{name}_std"] = r.std()
-        for k in ("kl", "clip_frac", "clip_frac_low", "clip_frac_high", "ratio_mean"):
-            if k in stats:
-                values[f"train/{k}"] = stats[k]
-        self.log_dict({k: float(v) for k, v in values.items()}, batch_size=rollout.size)
-        self.log(
-            "train/reward", float(rollout.rewards.mean()), prog_bar=True, batch_size=rollout.size
-        )
-
-    def _log_completions(self, rollout: Rollout) -> None:
-        """A W&B table of the first prompts' G completions with their rewards."""
-        n = min(rollout.size, self.log_completions_prompts * self.G)
-        names = list(rollout.per_reward)
-        columns = ["step", "prompt", "answer", "completion", "reward", *names]
-        data = [
-            [
-                self.global_step,
-                r // self.G,
-                rollout.answers[r],
-                rollout.texts[r],
-                float(rollout.rewards[r]),
-                *(float(rollout.per_reward[k][r]) for k in names),
-            ]
-            for r in range(n)
-        ]
-        for lg in self.loggers:
-            if hasattr(lg, "log_table"):
-                lg.log_table(key="train/completions", columns=columns, data=data)
