@@ -30,8 +30,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from hcm.data.images import load_image
 from hcm.files import atomic_write_bytes, atomic_write_text
+from hcm.images import load_image
 from hcm.screening import DIMENSIONS, OPTIONS
 
 log = logging.getLogger(__name__)

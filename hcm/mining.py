@@ -19,18 +19,49 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
-
-from hcm.data.hard_cases import classify
 
 log = logging.getLogger(__name__)
 
 CORRECTNESS = ("metric", "exact")  # which answers mining calls right (module docstring)
+
+
+def classify(
+    correct: Mapping[str, Sequence[bool]], pass_threshold: float = 1.0
+) -> tuple[list[str], list[str]]:
+    """Split sample ids into (hard_ids, easy_ids), each sorted.
+
+    `correct[id]` holds the correctness of k answers to that sample (k=1 for greedy decoding).
+    A sample is easy when its pass rate, the fraction of its answers that are right, is at least
+    `pass_threshold` in (0, 1], and hard otherwise. At k=1 every such threshold gives the paper's
+    rule: wrong = hard, right = easy. The default 1.0 makes a sample hard as soon as one of its
+    k answers is wrong.
+
+    >>> classify({"s1": [True], "s2": [False], "s3": [True, False]})
+    (['s2', 's3'], ['s1'])
+    """
+    if isinstance(pass_threshold, bool) or not isinstance(pass_threshold, int | float):
+        raise ValueError(f"pass_threshold must be a number in (0, 1], got {pass_threshold!r}")
+    if not 0 < pass_threshold <= 1:
+        raise ValueError(f"pass_threshold must be in (0, 1], got {pass_threshold!r}")
+    hard, easy = [], []
+    for sample_id, answers in correct.items():
+        if not isinstance(sample_id, str) or not sample_id:
+            raise ValueError(f"sample ids must be non-empty strings, got {sample_id!r}")
+        answers = list(answers)
+        if not answers:
+            raise ValueError(f"sample {sample_id!r} has no answers to classify")
+        if not all(isinstance(a, bool | np.bool_) for a in answers):
+            raise ValueError(f"sample {sample_id!r}: correctness must be bools, got {answers!r}")
+        pass_rate = sum(bool(a) for a in answers) / len(answers)
+        (easy if pass_rate >= pass_threshold else hard).append(sample_id)
+    return sorted(hard), sorted(easy)
 
 
 @dataclass(frozen=True)

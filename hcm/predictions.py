@@ -36,9 +36,9 @@ from typing import Any
 
 import torch
 
-from hcm.data.images import decode_image
 from hcm.files import atomic_write_text
 from hcm.gallery import PREDICTIONS, THUMBS, log_table, save_thumbnail, write_gallery
+from hcm.images import decode_image
 
 log = logging.getLogger(__name__)
 

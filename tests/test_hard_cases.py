@@ -5,7 +5,8 @@ import json
 import numpy as np
 import pytest
 
-from hcm.data.hard_cases import HardCaseFileError, HardCaseSet, _field_sha256, classify
+from hcm.data.hard_cases import HardCaseFileError, HardCaseSet, _field_sha256
+from hcm.mining import classify
 
 SHA = "ab" * 32
 PARAMS = {"greedy": True, "k": 1, "pass_threshold": 1.0, "prompt": "cot"}

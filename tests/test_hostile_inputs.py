@@ -43,8 +43,9 @@ from torch.utils.data import DataLoader
 
 from hcm.data import manifest as manifest_mod
 from hcm.data.datasets import SampleDataset
-from hcm.data.images import ImageError, decode_image, load_image, load_sample, probe_image
 from hcm.data.manifest import ManifestError, load_manifest
+from hcm.data.records import load_sample
+from hcm.images import ImageError, decode_image, load_image, probe_image
 
 
 def make_root(root: Path, n: int = 2) -> list[dict]:

@@ -15,7 +15,7 @@ from typing import Any
 from torch.utils.data import Dataset
 
 from hcm.benchmarks.readers import IMAGE_PLACEHOLDER, BenchmarkRecord
-from hcm.data.images import decode_image
+from hcm.images import decode_image
 from hcm.model.chat import chat_messages
 
 

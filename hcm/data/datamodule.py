@@ -38,9 +38,8 @@ from hcm.data.datasets import (
     labels,
 )
 from hcm.data.hard_cases import HardCaseSet
-from hcm.data.images import load_sample
 from hcm.data.manifest import load_manifest, manifest_hash
-from hcm.data.records import ScreeningRecord, ScreeningSample
+from hcm.data.records import ScreeningRecord, ScreeningSample, load_sample
 from hcm.data.sampler import EvalSampler, HardCaseSampler, ResumableSampler
 from hcm.mining import Mining, cache_params, log_truncated, mine, model_fingerprint
 from hcm.predictions import gather_rows, publish

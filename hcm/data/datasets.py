@@ -15,8 +15,7 @@ from typing import Any
 
 from torch.utils.data import Dataset, IterableDataset
 
-from hcm.data.images import load_sample
-from hcm.data.records import ScreeningRecord, ScreeningSample
+from hcm.data.records import ScreeningRecord, ScreeningSample, load_sample
 from hcm.prompts import Prompt
 
 SFT_SOURCES = {

@@ -3,8 +3,8 @@
 Paper, section 4.2: the Stage 1 (SFT) model answers every training sample; those it gets wrong are
 hard cases, the rest easy cases, and HCM-GRPO oversamples the hard ones after `switch_epoch`
 (see `hcm.data.sampler`). The paper mines with one answer per sample (right or wrong by the rule
-`mining.correct` picks, hcm/mining.py); `classify` also accepts k sampled answers per sample and
-a pass-rate threshold, which reduce to the paper's rule at k=1.
+`mining.correct` picks, hcm/mining.py, whose `classify` also accepts k sampled answers per
+sample and a pass-rate threshold, which reduce to the paper's rule at k=1).
 
 Mining runs the model over the whole training set, so its result is cached in a JSON file that
 records what it was mined from (model, weights fingerprint, manifest hash, mining parameters).
@@ -17,52 +17,18 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from hcm.files import atomic_write_text
 
 SCHEMA_VERSION = 1
 FIELDS = ("model", "fingerprint", "manifest_sha256", "params", "created", "hard_ids", "easy_ids")
 _SHA256_HEX = re.compile(r"[0-9a-f]{64}")
-
-
-def classify(
-    correct: Mapping[str, Sequence[bool]], pass_threshold: float = 1.0
-) -> tuple[list[str], list[str]]:
-    """Split sample ids into (hard_ids, easy_ids), each sorted.
-
-    `correct[id]` holds the correctness of k answers to that sample (k=1 for greedy decoding).
-    A sample is easy when its pass rate, the fraction of its answers that are right, is at least
-    `pass_threshold` in (0, 1], and hard otherwise. At k=1 every such threshold gives the paper's
-    rule: wrong = hard, right = easy. The default 1.0 makes a sample hard as soon as one of its
-    k answers is wrong.
-
-    >>> classify({"s1": [True], "s2": [False], "s3": [True, False]})
-    (['s2', 's3'], ['s1'])
-    """
-    if isinstance(pass_threshold, bool) or not isinstance(pass_threshold, int | float):
-        raise ValueError(f"pass_threshold must be a number in (0, 1], got {pass_threshold!r}")
-    if not 0 < pass_threshold <= 1:
-        raise ValueError(f"pass_threshold must be in (0, 1], got {pass_threshold!r}")
-    hard, easy = [], []
-    for sample_id, answers in correct.items():
-        if not isinstance(sample_id, str) or not sample_id:
-            raise ValueError(f"sample ids must be non-empty strings, got {sample_id!r}")
-        answers = list(answers)
-        if not answers:
-            raise ValueError(f"sample {sample_id!r} has no answers to classify")
-        if not all(isinstance(a, bool | np.bool_) for a in answers):
-            raise ValueError(f"sample {sample_id!r}: correctness must be bools, got {answers!r}")
-        pass_rate = sum(bool(a) for a in answers) / len(answers)
-        (easy if pass_rate >= pass_threshold else hard).append(sample_id)
-    return sorted(hard), sorted(easy)
 
 
 class HardCaseFileError(ValueError):

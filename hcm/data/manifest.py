@@ -23,7 +23,7 @@ would otherwise leave a label out silently), a string with a lone surrogate esca
 encodable, it would fail later in the tokenizer), a wrong type in any field, an id with control
 characters or over MAX_ID_CHARS, and an image path that is absolute, escapes the dataset root
 (`..`, a symlink out, a symlink loop), holds a NUL byte, or names no regular file.
-`check_images=True` also opens every image's header (hcm.data.images.probe_image: format,
+`check_images=True` also opens every image's header (hcm.images.probe_image: format,
 size, decompression bombs) so that a bad image is reported here rather than mid-epoch.
 """
 
@@ -37,9 +37,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from hcm.data.images import probe_image
 from hcm.data.records import LABELLED_SPLITS, TEXT_FIELDS, ScreeningRecord
 from hcm.files import atomic_write_text
+from hcm.images import probe_image
 from hcm.screening import DIMENSIONS, OPTIONS, canonical_answer, shown
 
 MAX_LINE_BYTES = 1 << 20  # a manifest line is a few hundred bytes; anything near 1 MiB is hostile

@@ -2,7 +2,7 @@
 
 A `ScreeningRecord` is a manifest line, its images still files (the manifest format, its reading
 and its checks: `hcm.data.manifest`); a `ScreeningSample` holds the images decoded
-(`hcm.data.images.load_sample`), or drawn directly by the synthetic generator's stream.
+(`load_sample`), or drawn directly by the synthetic generator's stream.
 """
 
 from __future__ import annotations
@@ -11,6 +11,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from hcm.images import MAX_PIXELS, ImageError, load_image
 
 SPLITS = ("train", "test", "pseudo_label", "exploration")
 LABELLED_SPLITS = ("train", "test")
@@ -48,7 +50,7 @@ class ScreeningRecord:
 class ScreeningSample:
     """A sample in memory, images decoded: what the model layer consumes.
 
-    Built from a record by `hcm.data.images.load_sample`, or drawn directly by the synthetic
+    Built from a record by `load_sample`, or drawn directly by the synthetic
     generator's streaming mode. `images` is (original, A, B, C, D), RGB PIL images.
     """
 
@@ -60,3 +62,23 @@ class ScreeningSample:
     weak_cot: str | None = None
     answer_cot: str | None = None
     meta: Mapping[str, Any] = field(default_factory=dict)
+
+
+def load_sample(record: ScreeningRecord, max_pixels: int = MAX_PIXELS) -> ScreeningSample:
+    """Decode a record's five images (original, A-D); errors name the record and field."""
+    images = []
+    for name, path in record.image_fields:
+        try:
+            images.append(load_image(path, max_pixels))
+        except ImageError as e:
+            raise ImageError(f"record {record.id} field '{name}': {e}") from None
+    return ScreeningSample(
+        id=record.id,
+        images=tuple(images),
+        answer=record.answer,
+        dimensions=record.dimensions,
+        caption=record.caption,
+        weak_cot=record.weak_cot,
+        answer_cot=record.answer_cot,
+        meta=record.meta,
+    )

@@ -14,7 +14,7 @@ palette, 16-bit greyscale, carry alpha or an EXIF rotation, or be something else
 - 16-bit greyscale is scaled to 8 bits (PIL's own conversion clips everything above 255 to white).
 - The EXIF orientation is applied: annotators saw the image upright.
 
-`load_sample` names the record and field of a bad image ("record train-000003 field
+`hcm.data.records.load_sample` names the record and field of a bad image ("record train-000003 field
 'candidates[2]': ..."), also when it is found in a DataLoader worker: torch re-raises the
 worker's ImageError with that message. `probe_image` is the cheap header check that
 `hcm.data.manifest.load_manifest(check_images=True)` runs on every image up front; it cannot
@@ -30,8 +30,6 @@ from typing import BinaryIO
 
 import numpy as np
 from PIL import Image, ImageOps
-
-from hcm.data.records import ScreeningRecord, ScreeningSample
 
 MAX_PIXELS = 64_000_000  # ~8000x8000; the model sees 448-px tiles, anything larger is suspect
 IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "GIF", "TIFF")
@@ -145,23 +143,3 @@ def load_image(path: str | Path, max_pixels: int = MAX_PIXELS) -> Image.Image:
 def decode_image(data: bytes, what: str, max_pixels: int = MAX_PIXELS) -> Image.Image:
     """`load_image` for an image held in memory (a benchmark's parquet cell), named `what`."""
     return _reading(what, lambda _: _decode(io.BytesIO(data), max_pixels))
-
-
-def load_sample(record: ScreeningRecord, max_pixels: int = MAX_PIXELS) -> ScreeningSample:
-    """Decode a record's five images (original, A-D); errors name the record and field."""
-    images = []
-    for name, path in record.image_fields:
-        try:
-            images.append(load_image(path, max_pixels))
-        except ImageError as e:
-            raise ImageError(f"record {record.id} field '{name}': {e}") from None
-    return ScreeningSample(
-        id=record.id,
-        images=tuple(images),
-        answer=record.answer,
-        dimensions=record.dimensions,
-        caption=record.caption,
-        weak_cot=record.weak_cot,
-        answer_cot=record.answer_cot,
-        meta=record.meta,
-    )
