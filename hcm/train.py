@@ -129,8 +129,6 @@ def compose_stages(cfg: DictConfig) -> list[tuple[str, str, DictConfig]]:
         overrides += stage.get("fixed", [])  # the stage's own, over the command line's
         kind = stage.get("kind", "train")
         stage_cfg = compose(config_name="eval" if kind == "eval" else "train", overrides=overrides)
-        with open_dict(stage_cfg):
-            stage_cfg.pipeline = {}
         if stage.get("continue_from"):
             first = next(c for n, _, c in composed if n == stage.continue_from)
             changed = stages.continuation_changes(first, stage_cfg)
@@ -140,6 +138,7 @@ def compose_stages(cfg: DictConfig) -> list[tuple[str, str, DictConfig]]:
                     f"{', '.join(changed)}: only {', '.join(stages.CONTINUATION_MAY_CHANGE)} may"
                 )
         with open_dict(stage_cfg):
+            stage_cfg.pipeline = {}
             if store:
                 folder = Path(store) / f"{name}-{stages.config_hash(stage_cfg)}"
                 stage_cfg.paths.output_dir = str(folder)
