@@ -99,8 +99,8 @@ def continuation_changes(first: DictConfig, then: DictConfig) -> list[str]:
     """Keys besides `CONTINUATION_MAY_CHANGE` where a continuing stage differs from the stage it
     continues: its checkpoint holds an optimizer, a schedule and a data order made for `first`."""
     a, b = _flat(identity(first)), _flat(identity(then))
-    allowed = CONTINUATION_MAY_CHANGE
-    return sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k) and k not in allowed)
+    changed = (k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
+    return sorted(k for k in changed if k not in CONTINUATION_MAY_CHANGE)
 
 
 def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:

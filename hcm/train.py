@@ -66,7 +66,7 @@ def run_stage(cfg: DictConfig) -> dict[str, Any]:
                 kind=cfg.job_type,
                 init_model=str(cfg.model.name_or_path),
                 init_ckpt=cfg.get("init_ckpt"),
-                hard_cases=stages.hard_set_digest(getattr(datamodule, "hard_indices", None)),
+                hard_cases=stages.hard_set_digest(datamodule.hard_indices),
                 model_dir=str(model_dir),
                 manifest_hashes=datamodule.manifest_hashes(),
                 metrics=metrics,
