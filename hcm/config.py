@@ -67,7 +67,13 @@ def register_resolvers() -> None:
             OmegaConf.register_new_resolver(name, fn)
 
 
-# -- value predicates ----------------------------------------------------------------------------
+# -- checks: a predicate and the words that say what it accepts ----------------------------------
+@dataclass(frozen=True)
+class Check:
+    ok: Callable[[Any], bool]
+    expected: str
+
+
 def is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
@@ -77,11 +83,13 @@ def is_num(v: Any) -> bool:
     return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
 
 
-def int_at_least(low: int) -> Callable[[Any], bool]:
-    return lambda v: is_int(v) and v >= low
+def int_at_least(low: int) -> Check:
+    return Check(lambda v: is_int(v) and v >= low, f"an integer >= {low}")
 
 
-def num_in(low: float, high: float, low_open: bool = False, high_open: bool = False):
+def num_in(low: float, high: float = math.inf, low_open: bool = False, high_open: bool = False):
+    """A number in the interval; `high` infinite: only bounded below."""
+
     def ok(v: Any) -> bool:
         if not is_num(v):
             return False
@@ -89,115 +97,131 @@ def num_in(low: float, high: float, low_open: bool = False, high_open: bool = Fa
         below = v < high if high_open else v <= high
         return above and below
 
-    return ok
+    if math.isinf(high):
+        return Check(ok, f"a number {'>' if low_open else '>='} {low}")
+    brackets = "(" if low_open else "[", ")" if high_open else "]"
+    return Check(ok, f"a number in {brackets[0]}{low}, {high}{brackets[1]}")
 
 
-def one_of(choices) -> Callable[[Any], bool]:
-    return lambda v: isinstance(v, str) and v in choices
+def one_of(choices: tuple[str, ...]) -> Check:
+    return Check(lambda v: isinstance(v, str) and v in choices, f"one of {choices}")
 
 
-def is_bool(v: Any) -> bool:
-    return isinstance(v, bool)
+BOOL = Check(lambda v: isinstance(v, bool), "true or false")
+NON_EMPTY_STR = Check(lambda v: isinstance(v, str) and v != "", "a non-empty string")
 
 
-def _mapping_of(keys, value_ok) -> Callable[[Any], bool]:
-    return lambda v: (
-        isinstance(v, DictConfig) and all(k in keys and value_ok(x) for k, x in v.items())
+def list_of(item: Check, expected: str, min_len: int = 0, max_len: int | None = None) -> Check:
+    return Check(
+        lambda v: (
+            isinstance(v, ListConfig)
+            and min_len <= len(v) <= (len(v) if max_len is None else max_len)
+            and all(item.ok(x) for x in v)
+        ),
+        expected,
     )
 
 
-def _list_of(item_ok, min_len: int = 0, max_len: int | None = None):
-    return lambda v: (
-        isinstance(v, ListConfig)
-        and min_len <= len(v) <= (len(v) if max_len is None else max_len)
-        and all(item_ok(x) for x in v)
+def mapping_of(keys: tuple[str, ...], value: Check, expected: str) -> Check:
+    return Check(
+        lambda v: (
+            isinstance(v, DictConfig) and all(k in keys and value.ok(x) for k, x in v.items())
+        ),
+        expected,
     )
 
 
 @dataclass(frozen=True)
 class Rule:
+    """A config key's check. `nullable`: null is a meaningful value (e.g. "use the default");
+    `why` is said after what the check expects."""
+
     key: str
-    ok: Callable[[Any], bool]
-    expected: str
-    nullable: bool = False  # null is a meaningful value (e.g. "use the default")
+    check: Check
+    nullable: bool = False
+    why: str = ""
+
+    def ok(self, value: Any) -> bool:
+        return self.check.ok(value)
+
+    @property
+    def expected(self) -> str:
+        words = self.check.expected + (" or null" if self.nullable else "")
+        return f"{words} ({self.why})" if self.why else words
 
 
-INF = math.inf
 RULES: tuple[Rule, ...] = (
-    Rule("seed", int_at_least(0), "an integer >= 0"),
+    Rule("seed", int_at_least(0)),
     # model
-    Rule("model.name_or_path", lambda v: isinstance(v, str) and v != "", "a non-empty string"),
-    Rule("model.dtype", one_of(DTYPE_NAMES), f"one of {DTYPE_NAMES}"),
-    Rule("model.attn_implementation", one_of(ATTN_NAMES), f"one of {ATTN_NAMES}"),
-    Rule("model.gradient_checkpointing", is_bool, "true or false"),
-    Rule("model.trust_remote_code", is_bool, "true or false"),
-    Rule("model.max_patches", int_at_least(1), "an integer >= 1"),
-    Rule("model.image_layout", one_of(LAYOUTS), f"one of {LAYOUTS}"),
+    Rule("model.name_or_path", NON_EMPTY_STR),
+    Rule("model.dtype", one_of(DTYPE_NAMES)),
+    Rule("model.attn_implementation", one_of(ATTN_NAMES)),
+    Rule("model.gradient_checkpointing", BOOL),
+    Rule("model.trust_remote_code", BOOL),
+    Rule("model.max_patches", int_at_least(1)),
+    Rule("model.image_layout", one_of(LAYOUTS)),
     # data
-    Rule("data.mode", one_of(DATA_MODES), f"one of {DATA_MODES}"),
-    Rule("data.image_layout", one_of(LAYOUTS), f"one of {LAYOUTS}"),
+    Rule("data.mode", one_of(DATA_MODES)),
+    Rule("data.image_layout", one_of(LAYOUTS)),
     Rule(
         "data.sft_sources",
-        _list_of(one_of(tuple(SFT_SOURCES)), min_len=1),
-        f"a non-empty list of {tuple(SFT_SOURCES)}",
+        list_of(one_of(tuple(SFT_SOURCES)), f"a non-empty list of {tuple(SFT_SOURCES)}", 1),
     ),
-    Rule("data.batch_size", int_at_least(1), "an integer >= 1"),
-    Rule("data.eval_batch_size", int_at_least(1), "an integer >= 1"),
-    Rule("data.num_workers", int_at_least(0), "an integer >= 0"),
-    Rule("data.limit_eval", int_at_least(1), "an integer >= 1 or null", nullable=True),
-    Rule("data.skip_invalid", is_bool, "true or false"),
-    Rule("data.check_images", is_bool, "true or false"),
-    Rule("data.switch_epoch", int_at_least(0), "an integer >= 0"),
-    Rule("data.composition", one_of(COMPOSITIONS), f"one of {COMPOSITIONS}"),
+    Rule("data.batch_size", int_at_least(1)),
+    Rule("data.eval_batch_size", int_at_least(1)),
+    Rule("data.num_workers", int_at_least(0)),
+    Rule("data.limit_eval", int_at_least(1), nullable=True),
+    Rule("data.skip_invalid", BOOL),
+    Rule("data.check_images", BOOL),
+    Rule("data.switch_epoch", int_at_least(0)),
+    Rule("data.composition", one_of(COMPOSITIONS)),
     # trainer (Lightning checks the rest when the Trainer is built, before any model is loaded)
-    Rule("trainer.max_epochs", int_at_least(1), "an integer >= 1", nullable=True),
+    Rule("trainer.max_epochs", int_at_least(1), nullable=True),
     # module: both stages
-    Rule("module.optimizer.lr", num_in(0, INF), "a number >= 0"),
-    Rule("module.optimizer.weight_decay", num_in(0, INF), "a number >= 0"),
+    Rule("module.optimizer.lr", num_in(0)),
+    Rule("module.optimizer.weight_decay", num_in(0)),
     Rule(
         "module.optimizer.betas",
-        _list_of(num_in(0, 1, high_open=True), 2, 2),
-        "a list of two numbers in [0, 1)",
+        list_of(num_in(0, 1, high_open=True), "a list of two numbers in [0, 1)", 2, 2),
     ),
-    Rule("module.scheduler.warmup_ratio", num_in(0, 1), "a number in [0, 1]"),
-    Rule("module.scheduler.min_lr_ratio", num_in(0, 1), "a number in [0, 1]"),
-    Rule("module.freeze.vision_tower", is_bool, "true or false"),
-    Rule("module.freeze.projector", is_bool, "true or false"),
-    Rule("module.freeze.language_model", is_bool, "true or false"),
-    Rule("max_completion_length", int_at_least(1), "an integer >= 1"),
-    Rule("module.eval_generation.max_new_tokens", int_at_least(1), "an integer >= 1"),
-    Rule("generation.max_new_tokens", int_at_least(1), "an integer >= 1"),
+    Rule("module.scheduler.warmup_ratio", num_in(0, 1)),
+    Rule("module.scheduler.min_lr_ratio", num_in(0, 1)),
+    Rule("module.freeze.vision_tower", BOOL),
+    Rule("module.freeze.projector", BOOL),
+    Rule("module.freeze.language_model", BOOL),
+    Rule("max_completion_length", int_at_least(1)),
+    Rule("module.eval_generation.max_new_tokens", int_at_least(1)),
+    Rule("generation.max_new_tokens", int_at_least(1)),
     # module: GRPO (eqs. 2-7)
-    Rule("module.group_size", int_at_least(2), "an integer >= 2 (G: GRPO needs a group)"),
-    Rule("module.beta", num_in(0, INF), "a number >= 0"),
-    Rule("module.kl_clamp", num_in(0, INF, low_open=True), "a number > 0 or null", True),
-    Rule("module.clip_eps", num_in(0, 1, True, True), "a number in (0, 1)"),
-    Rule("module.clip_eps_high", num_in(0, 1, True, True), "a number in (0, 1) or null", True),
-    Rule("module.num_iterations", int_at_least(1), "an integer >= 1 (mu)"),
-    Rule("module.loss_level", one_of(RATIO_LEVELS), f"one of {RATIO_LEVELS}"),
-    Rule("module.loss_agg", one_of(AGGREGATIONS), f"one of {AGGREGATIONS}"),
-    Rule("module.advantage_scale", one_of(ADVANTAGE_SCALES), f"one of {ADVANTAGE_SCALES}"),
+    Rule("module.group_size", int_at_least(2), why="G: GRPO needs a group"),
+    Rule("module.beta", num_in(0)),
+    Rule("module.kl_clamp", num_in(0, low_open=True), nullable=True),
+    Rule("module.clip_eps", num_in(0, 1, low_open=True, high_open=True)),
+    Rule("module.clip_eps_high", num_in(0, 1, low_open=True, high_open=True), nullable=True),
+    Rule("module.num_iterations", int_at_least(1), why="mu"),
+    Rule("module.loss_level", one_of(RATIO_LEVELS)),
+    Rule("module.loss_agg", one_of(AGGREGATIONS)),
+    Rule("module.advantage_scale", one_of(ADVANTAGE_SCALES)),
     Rule(
         "module.rewards",
-        _mapping_of(tuple(REWARDS), num_in(0, INF)),
-        f"a mapping of {tuple(REWARDS)} to weights >= 0",
+        mapping_of(tuple(REWARDS), num_in(0), f"a mapping of {tuple(REWARDS)} to weights >= 0"),
     ),
-    Rule("module.sampling.temperature", num_in(0, INF, low_open=True), "a number > 0"),
-    Rule("module.sampling.top_p", num_in(0, 1, low_open=True), "a number in (0, 1]"),
-    Rule("module.sampling.top_k", int_at_least(0), "an integer >= 0"),
-    Rule("module.sampling.max_new_tokens", int_at_least(1), "an integer >= 1"),
-    Rule("module.mini_batch_size", int_at_least(1), "an integer >= 1 or null", nullable=True),
-    Rule("module.logprob_chunk_size", int_at_least(1), "an integer >= 1"),
-    Rule("module.max_grad_norm", num_in(0, INF, True), "a number > 0 or null", nullable=True),
-    Rule("module.resample_zero_variance", int_at_least(0), "an integer >= 0"),
-    Rule("module.mask_truncated_completions", is_bool, "true or false"),
-    Rule("module.stop_at_switch", is_bool, "true or false"),
-    Rule("module.log_completions_every_n_steps", int_at_least(0), "an integer >= 0", True),
-    Rule("module.mining.k", int_at_least(1), "an integer >= 1"),
-    Rule("module.mining.pass_threshold", num_in(0, 1, low_open=True), "a number in (0, 1]"),
-    Rule("module.mining.temperature", num_in(0, INF, low_open=True), "a number > 0"),
-    Rule("module.mining.correct", one_of(CORRECTNESS), f"one of {CORRECTNESS}"),
-    Rule("module.mining.batch_size", int_at_least(1), "an integer >= 1 or null", True),
+    Rule("module.sampling.temperature", num_in(0, low_open=True)),
+    Rule("module.sampling.top_p", num_in(0, 1, low_open=True)),
+    Rule("module.sampling.top_k", int_at_least(0)),
+    Rule("module.sampling.max_new_tokens", int_at_least(1)),
+    Rule("module.mini_batch_size", int_at_least(1), nullable=True),
+    Rule("module.logprob_chunk_size", int_at_least(1)),
+    Rule("module.max_grad_norm", num_in(0, low_open=True), nullable=True),
+    Rule("module.resample_zero_variance", int_at_least(0)),
+    Rule("module.mask_truncated_completions", BOOL),
+    Rule("module.stop_at_switch", BOOL),
+    Rule("module.log_completions_every_n_steps", int_at_least(0), nullable=True),
+    Rule("module.mining.k", int_at_least(1)),
+    Rule("module.mining.pass_threshold", num_in(0, 1, low_open=True)),
+    Rule("module.mining.temperature", num_in(0, low_open=True)),
+    Rule("module.mining.correct", one_of(CORRECTNESS)),
+    Rule("module.mining.batch_size", int_at_least(1), nullable=True),
 )
 
 _ABSENT = object()

@@ -33,29 +33,23 @@ FULL_ERROR_ENV = "HYDRA_FULL_ERROR"
 EXIT_USER_ERROR = 2  # as argparse exits on a bad argument
 PACKAGE_DIR = Path(__file__).resolve().parent
 
-# (category, start of the message as a regex): why it is harmless here
-HARMLESS_WARNINGS: dict[tuple[type[Warning], str], str] = {
-    (FutureWarning, r"`isinstance\(treespec, LeafSpec\)` is deprecated"): (
-        "Lightning's own pytree helper uses an API that torch deprecated; nothing to do here"
-    ),
-    (Warning, r"Found \d+ module\(s\) in eval mode at the start of training"): (
-        "GRPO's frozen reference policy stays in eval mode by design (no dropout in it); the "
-        "trained policy is in train mode"
-    ),
-    (Warning, r".*your dataloader is not resumable"): (
-        "hcm.data.datamodule restores the training order's position itself (Lightning cannot tell)"
-    ),
-    (Warning, r"Using ModelCheckpoint with manual optimization"): (
-        "GRPO's checkpoint after its optimizer step is the state a resume needs"
-    ),
-    (Warning, r"The dirpath has changed from .* therefore `best_model_score`"): (
-        "a pipeline stage that continues another (continue_from) starts from that stage's "
-        "checkpoint and writes its own; it keeps no best-k state to reload"
-    ),
-    (Warning, r"Experiment logs directory .* exists and is not empty"): (
-        "a rerun's CSV logger: hcm.runtime.keep_csv has kept the earlier metrics.csv beside it"
-    ),
-}
+# (category, start of the message as a regex), each below the reason it is harmless here
+HARMLESS_WARNINGS: tuple[tuple[type[Warning], str], ...] = (
+    # Lightning's own pytree helper uses an API that torch deprecated; nothing to do here
+    (FutureWarning, r"`isinstance\(treespec, LeafSpec\)` is deprecated"),
+    # GRPO's frozen reference policy stays in eval mode by design (no dropout in it); the
+    # trained policy is in train mode
+    (Warning, r"Found \d+ module\(s\) in eval mode at the start of training"),
+    # hcm.data.datamodule restores the training order's position itself (Lightning cannot tell)
+    (Warning, r".*your dataloader is not resumable"),
+    # GRPO's checkpoint after its optimizer step is the state a resume needs
+    (Warning, r"Using ModelCheckpoint with manual optimization"),
+    # a pipeline stage that continues another (continue_from) starts from that stage's
+    # checkpoint and writes its own; it keeps no best-k state to reload
+    (Warning, r"The dirpath has changed from .* therefore `best_model_score`"),
+    # a rerun's CSV logger: hcm.runtime.keep_csv has kept the earlier metrics.csv beside it
+    (Warning, r"Experiment logs directory .* exists and is not empty"),
+)
 # logger name -> starts of the INFO lines it writes that say nothing about this run
 HARMLESS_LOGS: dict[str, tuple[str, ...]] = {
     "lightning.pytorch.utilities.rank_zero": (

@@ -61,13 +61,12 @@ def group_advantages(
     - "group": the std of the completion's own group (the paper, TRL's default),
     - "batch": the std of all B*G rewards (TRL's scale_rewards="batch"; centring stays per group),
     - "none": no division, only centring (Dr. GRPO).
-    Groups whose rewards are all equal get exactly 0.
+    Groups whose rewards are all equal get exactly 0. `scale` is checked at start-up
+    (hcm/config.py), with every setting.
 
     >>> group_advantages(torch.tensor([1.0, 0.0, 2.0, 2.0]), 2)
     tensor([ 0.7070, -0.7070,  0.0000,  0.0000])
     """
-    if scale not in ADVANTAGE_SCALES:
-        raise ValueError(f"scale must be one of {ADVANTAGE_SCALES}, got {scale!r}")
     if eps < 0:
         raise ValueError(f"eps must be >= 0, got {eps}")
     grouped = _grouped(rewards, group_size)  # (B, G)
@@ -160,15 +159,7 @@ def policy_loss(
     count tokens (a completion weighs by its length), where TRL counts completions.
     """
     clip_eps_high = clip_eps if clip_eps_high is None else clip_eps_high
-    if kl_clamp is not None and not kl_clamp > 0:
-        raise ValueError(f"kl_clamp must be > 0 or None, got {kl_clamp}")
-    _check_loss_args(
-        logprobs, old_logprobs, ref_logprobs, advantages, mask, clip_eps, clip_eps_high, beta
-    )
-    if level not in RATIO_LEVELS:
-        raise ValueError(f"level must be one of {RATIO_LEVELS}, got {level!r}")
-    if agg not in AGGREGATIONS:
-        raise ValueError(f"agg must be one of {AGGREGATIONS}, got {agg!r}")
+    _check_tensors(logprobs, old_logprobs, ref_logprobs, advantages, mask, beta)
 
     mask = mask.bool()  # (N, T)
     zeros = torch.zeros_like(logprobs)
@@ -215,16 +206,16 @@ def policy_loss(
     return loss, stats
 
 
-def _check_loss_args(
+def _check_tensors(
     logprobs: torch.Tensor,
     old_logprobs: torch.Tensor,
     ref_logprobs: torch.Tensor | None,
     advantages: torch.Tensor,
     mask: torch.Tensor,
-    clip_eps: float,
-    clip_eps_high: float,
     beta: float,
 ) -> None:
+    """The tensors' shapes, and a reference wherever beta needs one. The loss's settings are
+    checked once, at start-up, with every config value (hcm/config.py)."""
     if logprobs.ndim != 2:
         raise ValueError(f"logprobs must be (N, T), got shape {tuple(logprobs.shape)}")
     shape = logprobs.shape
@@ -236,11 +227,5 @@ def _check_loss_args(
             raise ValueError(f"{name} has shape {tuple(tensor.shape)}, expected {tuple(shape)}")
     if advantages.shape != shape[:1]:
         raise ValueError(f"advantages must be (N,)=({shape[0]},), got {tuple(advantages.shape)}")
-    if not 0 < clip_eps < 1:
-        raise ValueError(f"clip_eps must be in (0, 1), got {clip_eps}")
-    if clip_eps_high <= 0:
-        raise ValueError(f"clip_eps_high must be > 0, got {clip_eps_high}")
-    if beta < 0:
-        raise ValueError(f"beta must be >= 0, got {beta}")
     if beta > 0 and ref_logprobs is None:
         raise ValueError(f"beta={beta} needs ref_logprobs (pass None only with beta=0)")

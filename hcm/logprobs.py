@@ -119,6 +119,7 @@ def completion_logprobs(
     completion_mask: torch.Tensor,
     temperature: float = 1.0,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
+    inputs_embeds: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Log-probs of the completion tokens under an `InternVLForConditionalGeneration`: (N, L).
 
@@ -127,32 +128,23 @@ def completion_logprobs(
         attention_mask: (N, P+L) 1 on real tokens (the prompt's mask then `completion_mask`).
         pixel_values: the prompts' image tiles (total_tiles, 3, H, W), or None.
         completion_mask: (N, L) 1 on real completion tokens; L is taken from its width.
+        inputs_embeds: (N, P+L, D) the token embeddings with the image features already in
+            (`hcm.model.vision_cache`), in place of encoding `pixel_values` (then None).
     Positions where completion_mask is 0 hold finite values of no meaning.
     """
     prompt_len = check_completion_shapes(input_ids, attention_mask, completion_mask)
+    if inputs_embeds is None:
+        inputs = {"input_ids": input_ids, "pixel_values": pixel_values}
+    else:
+        inputs = {"inputs_embeds": inputs_embeds}
     # the base model only: its lm_head would build (N, P+L, V) logits at once
     hidden = model.model(
-        input_ids=input_ids,
+        **inputs,
         attention_mask=attention_mask,
-        pixel_values=pixel_values,
         position_ids=position_ids_from_mask(attention_mask),
         use_cache=False,
     ).last_hidden_state  # (N, P+L, H)
-    return completion_from_hidden(
-        hidden, input_ids, prompt_len, model.lm_head, temperature, chunk_size
-    )
-
-
-def completion_from_hidden(
-    hidden: torch.Tensor,
-    input_ids: torch.Tensor,
-    prompt_len: int,
-    lm_head: nn.Module,
-    temperature: float = 1.0,
-    chunk_size: int = DEFAULT_CHUNK_SIZE,
-) -> torch.Tensor:
-    """(N, L) log-probs of the completion tokens from the final hidden states (N, P+L, H):
-    position t predicts token t + 1, so the completion is read off positions P-1 .. P+L-2."""
+    # position t predicts token t + 1: the completion is read off positions P-1 .. P+L-2
     predicting = hidden[:, prompt_len - 1 : -1]  # (N, L, H)
     targets = input_ids[:, prompt_len:]  # (N, L)
-    return token_logprobs(predicting, lm_head, targets, temperature, chunk_size)
+    return token_logprobs(predicting, model.lm_head, targets, temperature, chunk_size)

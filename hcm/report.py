@@ -42,6 +42,7 @@ from hcm.aggregate import (
     runs_csv,
     table_csv,
 )
+from hcm.config import wandb_offline
 from hcm.curves import Panel, draw, read_curve
 from hcm.data.hard_cases import HardCaseSet
 
@@ -304,16 +305,14 @@ def jobs_from_runs(runs: Iterable[Any]) -> list[Job]:
 
 
 def read_wandb_group(group: str, project: str, entity: str | None) -> list[Job]:
-    import wandb
+    import wandb  # optional heavy dependency: only a report read from W&B needs it
 
     path = f"{entity}/{project}" if entity else project
     return jobs_from_runs(wandb.Api().runs(path, filters={"group": group}))
 
 
 def log_to_wandb(spec: dict, rows: Sequence[Row], name: str, project: str, image: Path | None):
-    import wandb
-
-    from hcm.config import wandb_offline
+    import wandb  # optional heavy dependency: only a W&B upload needs it
 
     columns = list(spec["columns"])
     table = wandb.Table(columns=[*spec["label_columns"], *spec["columns"].values(), "status"])

@@ -7,7 +7,8 @@ baseline is the expectation of picking one of the five options (A-D, N): mean an
 over the same samples (the paper's 1.7136 gives 34.27).
 
 Beside the paper's score, `exact_match` and `mean_dpa` show partial learning that the lenient
-score hides (science-notes.md), and `valid_rate` shows how often the response could be parsed.
+score hides (docs/science.md, "Reading the scores"), and `valid_rate` shows how often the
+response could be parsed.
 All states are sums, so the metric is correct under DDP.
 """
 
@@ -131,9 +132,10 @@ class ScreeningScore(Metric):
         sep = "|" + "---|" * (len(HEADERS) + 2)
         random_keys = ["random_baseline", *(f"random_baseline/{d}" for d in DIMENSIONS)]
         lines = [head, sep, row("Random", "-", random_keys), row(model, prompt, list(COLUMNS))]
-        extra = [
-            k for k in ("exact_match", "mean_dpa", "valid_rate", "count") if prefix + k in results
-        ]
-        lines.append("")
-        lines.append(", ".join(f"{k} {results[prefix + k]:.2f}" for k in extra))
+        lines += ["", footnote(results, prefix, ("exact_match", "mean_dpa", "valid_rate", "count"))]
         return "\n".join(lines)
+
+
+def footnote(results: dict[str, float], prefix: str, keys: Sequence[str]) -> str:
+    """A table's last line: each of `keys` that `results` has, as "key value", comma-separated."""
+    return ", ".join(f"{k} {results[prefix + k]:.2f}" for k in keys if prefix + k in results)

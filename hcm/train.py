@@ -13,6 +13,8 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+from hydra import compose
+from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf, open_dict
@@ -84,9 +86,6 @@ def compose_stages(cfg: DictConfig) -> list[tuple[str, str, DictConfig]]:
     switch_epoch epochs of Table 7's arms) share its folder, and `<output_dir>/stages/<name>`
     links to it. With `paths.stage_store: null` every job trains its stages in its own folder.
     """
-    from hydra import compose
-    from hydra.core.hydra_config import HydraConfig
-
     # The user's overrides apply to every stage, except those about the pipeline run itself.
     own = (
         "experiment=",

@@ -99,6 +99,8 @@ OUT_OF_RANGE = [
     ("module.clip_eps_high", 1.5),
     ("module.num_iterations", 0),
     ("module.loss_level", "sentence"),
+    ("module.loss_agg", "mean"),
+    ("module.clip_eps_high", -0.1),
     ("module.advantage_scale", "std"),
     ("module.rewards.dpa", -1),
     ("module.sampling.top_p", 0),
@@ -275,7 +277,7 @@ def test_module_and_datamodule_pass_the_config_flag(tmp_path, monkeypatch, trust
     model_cfg = {"name_or_path": str(tmp_path)}
     if trust is not None:
         model_cfg["trust_remote_code"] = trust
-    ScreeningModule(model=model_cfg).configure_model()
+    ScreeningModule(model=model_cfg, eval_generation={}).configure_model()
     prompt = {"name": "t", "user": "<image> <image>", "caption": "<image> <image>"}
     ScreeningDataModule(str(tmp_path), "eval", model_cfg, prompt)._builder()
     assert seen == dict.fromkeys(("model", "tokenizer", "image_processor", "config"), bool(trust))

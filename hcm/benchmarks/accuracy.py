@@ -15,6 +15,7 @@ from torchmetrics import Metric
 
 from hcm.choice import is_correct
 from hcm.screening import answer_text
+from hcm.screening_score import footnote
 
 
 class BenchmarkAccuracy(Metric):
@@ -78,12 +79,11 @@ class BenchmarkAccuracy(Metric):
 
     def compute(self) -> dict[str, torch.Tensor]:
         pct = (100.0 * self.correct / self.count.clamp(min=1)).float()
-        out = {"overall": pct[0]}
+        valid = (100.0 * self.answered[0] / self.count[0].clamp(min=1)).float()
+        out = {"overall": pct[0], "valid_rate": valid, "count": self.count[0].float()}
         for j, name in enumerate(self.subtasks, start=1):
             out[f"subtask/{name}"] = pct[j]
             out[f"count/{name}"] = self.count[j].float()
-        out["valid_rate"] = (100.0 * self.answered[0] / self.count[0].clamp(min=1)).float()
-        out["count"] = self.count[0].float()
         return out
 
     @staticmethod
@@ -103,6 +103,5 @@ class BenchmarkAccuracy(Metric):
         if subtasks:
             lines += ["", "| subtask | accuracy |", "|---|---|"]
             lines += [f"| {s} | {results[prefix + 'subtask/' + s]:.2f} |" for s in subtasks]
-        extra = [k for k in ("valid_rate", "count") if prefix + k in results]
-        lines += ["", ", ".join(f"{k} {results[prefix + k]:.2f}" for k in extra)]
+        lines += ["", footnote(results, prefix, ("valid_rate", "count"))]
         return "\n".join(lines)

@@ -58,16 +58,10 @@ class BenchmarkDataModule(ScreeningDataModule):
         subtasks: Sequence[str] | None = None,
         max_patches: int | None = None,
         sft_sources: Sequence[str] = ("direct",),
-        train_split: str = "train",
-        eval_split: str = "test",
-        batch_size: int = 8,
-        eval_batch_size: int = 8,
-        num_workers: int = 0,
-        limit_eval: int | None = None,
-        switch_epoch: int = 3,
-        composition: str = "all",
-        seed: int = 0,
+        **loading: Any,
     ):
+        """The benchmark's own keys of conf/data/<benchmark>.yaml; `loading` holds the rest
+        (splits, batch sizes, workers, the HCM schedule, seed), ScreeningDataModule's."""
         if benchmark not in READERS:
             raise ValueError(f"data.benchmark must be one of {sorted(READERS)}, got {benchmark!r}")
         if list(sft_sources) != ["direct"]:
@@ -75,28 +69,15 @@ class BenchmarkDataModule(ScreeningDataModule):
                 f"data.sft_sources={list(sft_sources)}: the public benchmarks have direct answers "
                 "only (no captions or CoT); use [direct]"
             )
-        for key, split in (("train_split", train_split), ("eval_split", eval_split)):
-            if split not in SPLITS:
-                raise ValueError(f"data.{key} must be one of {SPLITS}, got {split!r}")
         if max_patches is not None:  # multi-image questions: fewer tiles per image
             model = {**dict(model), "max_patches": max_patches}
         # The screening prompt config (prompt=direct|cot) picks which of `prompts` is used.
         super().__init__(
-            root=root,
-            mode=mode,
-            model=model,
-            prompt=prompt,
-            sft_sources=sft_sources,
-            train_split=train_split,
-            eval_split=eval_split,
-            batch_size=batch_size,
-            eval_batch_size=eval_batch_size,
-            num_workers=num_workers,
-            limit_eval=limit_eval,
-            switch_epoch=switch_epoch,
-            composition=composition,
-            seed=seed,
+            root=root, mode=mode, model=model, prompt=prompt, sft_sources=sft_sources, **loading
         )
+        for key in ("train_split", "eval_split"):
+            if (split := getattr(self, key)) not in SPLITS:
+                raise ValueError(f"data.{key} must be one of {SPLITS}, got {split!r}")
         name = dict(prompt)["name"]
         if name not in prompts:
             raise ValueError(f"data.prompts has no entry for prompt {name!r}: {sorted(prompts)}")

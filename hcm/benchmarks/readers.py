@@ -1,6 +1,6 @@
 """The three public benchmarks of section 5.4 as `BenchmarkRecord`s, from their local copies.
 
-Each reader turns its benchmark's published schema (internvl3-facts.md, "Public benchmarks")
+Each reader turns its benchmark's published schema (below; README, "Public benchmarks")
 into one record type: a question text with the options written out as the reference harnesses
 show them, the images in order, the answer (an option letter, or RealWorldQA's open answer) and
 the subtask the split is stratified by.
@@ -54,74 +54,74 @@ def _letter(answer: object, n_options: int, what: str) -> str:
 
 
 def read_realworldqa(root: Path, split: str = "test") -> list[BenchmarkRecord]:
-    hint = (
-        f"E.g. huggingface-cli download xai-org/RealworldQA --repo-type dataset --local-dir {root}"
-    )
-    rows, base = read_split(root, split, "RealWorldQA", hint)
-    records = []
-    for i, row in enumerate(rows):
-        what = f"RealWorldQA row {i}"
-        question = str(row["question"]).strip()
-        options = tuple(text for _, text in _OPTION_LINE.findall(question))
-        answer = str(row["answer"]).strip()
-        if len(answer) == 1 and answer.upper() in LETTERS:
-            answer = _letter(answer, len(options), what)
-        image = image_bytes(row["image"], base, what)
-        records.append(BenchmarkRecord(f"rwqa-{i:04d}", question, (image,), answer, "", options))
-    return records
+    rows, base = read_split(root, split, "RealWorldQA", _hint("xai-org/RealworldQA", root))
+    return [_realworldqa_record(i, row, base) for i, row in enumerate(rows)]
 
 
 def read_muirbench(root: Path, split: str = "test") -> list[BenchmarkRecord]:
-    hint = (
-        f"E.g. huggingface-cli download MUIRBENCH/MUIRBENCH --repo-type dataset --local-dir {root}"
-    )
-    rows, base = read_split(root, split, "MuirBench", hint)
-    records = []
-    for i, row in enumerate(rows):
-        what = f"MuirBench row {i} (idx {row.get('idx')})"
-        options = tuple(str(o) for o in row["options"])
-        text = (
-            str(row["question"]).strip()
-            + "\n"
-            + "\n".join(f"{LETTERS[k]}. {o}" for k, o in enumerate(options))
-        )
-        images = tuple(image_bytes(im, base, what) for im in row["image_list"])
-        if text.count(IMAGE_PLACEHOLDER) not in (0, len(images)):
-            # placeholders that don't match the images: show all images first instead
-            text = text.replace(IMAGE_PLACEHOLDER, "")
-        rid = f"muir-{row.get('idx', i)}"
-        answer = _letter(row["answer"], len(options), what)
-        records.append(BenchmarkRecord(rid, text, images, answer, str(row["task"]), options))
-    return records
+    rows, base = read_split(root, split, "MuirBench", _hint("MUIRBENCH/MUIRBENCH", root))
+    return [_muirbench_record(i, row, base) for i, row in enumerate(rows)]
 
 
 def read_blink(
     root: Path, split: str = "val", subtasks: Sequence[str] = BLINK_SUBTASKS
 ) -> list[BenchmarkRecord]:
     records = []
+    hint = _hint("BLINK-Benchmark/BLINK", root) + " (one folder per subtask)"
     for subtask in subtasks:
-        hint = (
-            "E.g. huggingface-cli download BLINK-Benchmark/BLINK --repo-type dataset "
-            f"--local-dir {root} (one folder per subtask)"
-        )
         rows, base = read_split(Path(root) / subtask, split, f"BLINK/{subtask}", hint)
-        for i, row in enumerate(rows):
-            what = f"BLINK/{subtask} row {i} (idx {row.get('idx')})"
-            options = tuple(str(c) for c in row["choices"])
-            images = tuple(
-                image_bytes(row[f"image_{k}"], base, what)
-                for k in range(1, 5)
-                if row.get(f"image_{k}") is not None
-            )
-            text = row.get("prompt") or (
-                str(row["question"]).strip()
-                + "\nSelect from the following choices.\n"
-                + "\n".join(f"({LETTERS[k]}) {c}" for k, c in enumerate(options))
-            )
-            answer = _letter(row["answer"], len(options), what)
-            rid = f"blink-{row.get('idx', f'{subtask}_{i}')}"
-            records.append(BenchmarkRecord(rid, text.strip(), images, answer, subtask, options))
+        records += [_blink_record(subtask, i, row, base) for i, row in enumerate(rows)]
     return records
+
+
+def _hint(repo: str, root: Path) -> str:
+    return f"E.g. huggingface-cli download {repo} --repo-type dataset --local-dir {root}"
+
+
+def _realworldqa_record(i: int, row: dict, base: Path) -> BenchmarkRecord:
+    what = f"RealWorldQA row {i}"
+    question = str(row["question"]).strip()
+    options = tuple(text for _, text in _OPTION_LINE.findall(question))
+    answer = str(row["answer"]).strip()
+    if len(answer) == 1 and answer.upper() in LETTERS:
+        answer = _letter(answer, len(options), what)
+    image = image_bytes(row["image"], base, what)
+    return BenchmarkRecord(f"rwqa-{i:04d}", question, (image,), answer, "", options)
+
+
+def _muirbench_record(i: int, row: dict, base: Path) -> BenchmarkRecord:
+    what = f"MuirBench row {i} (idx {row.get('idx')})"
+    options = tuple(str(o) for o in row["options"])
+    text = (
+        str(row["question"]).strip()
+        + "\n"
+        + "\n".join(f"{LETTERS[k]}. {o}" for k, o in enumerate(options))
+    )
+    images = tuple(image_bytes(im, base, what) for im in row["image_list"])
+    if text.count(IMAGE_PLACEHOLDER) not in (0, len(images)):
+        # placeholders that don't match the images: show all images first instead
+        text = text.replace(IMAGE_PLACEHOLDER, "")
+    rid = f"muir-{row.get('idx', i)}"
+    answer = _letter(row["answer"], len(options), what)
+    return BenchmarkRecord(rid, text, images, answer, str(row["task"]), options)
+
+
+def _blink_record(subtask: str, i: int, row: dict, base: Path) -> BenchmarkRecord:
+    what = f"BLINK/{subtask} row {i} (idx {row.get('idx')})"
+    options = tuple(str(c) for c in row["choices"])
+    images = tuple(
+        image_bytes(row[f"image_{k}"], base, what)
+        for k in range(1, 5)
+        if row.get(f"image_{k}") is not None
+    )
+    text = row.get("prompt") or (
+        str(row["question"]).strip()
+        + "\nSelect from the following choices.\n"
+        + "\n".join(f"({LETTERS[k]}) {c}" for k, c in enumerate(options))
+    )
+    answer = _letter(row["answer"], len(options), what)
+    rid = f"blink-{row.get('idx', f'{subtask}_{i}')}"
+    return BenchmarkRecord(rid, text.strip(), images, answer, subtask, options)
 
 
 READERS: dict[str, Callable[..., list[BenchmarkRecord]]] = {

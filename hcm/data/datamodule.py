@@ -27,7 +27,9 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
+from transformers import AutoConfig
 
+from hcm.data import synthetic
 from hcm.data.datasets import (
     SFT_SOURCES,
     PromptCollator,
@@ -39,9 +41,12 @@ from hcm.data.datasets import (
 )
 from hcm.data.hard_cases import HardCaseSet
 from hcm.data.manifest import load_manifest, manifest_hash
+from hcm.data.messages import screening_messages
 from hcm.data.records import ScreeningRecord, ScreeningSample, load_sample
 from hcm.data.sampler import EvalSampler, HardCaseSampler, ResumableSampler
 from hcm.mining import Mining, cache_params, log_truncated, mine, model_fingerprint
+from hcm.model.inputs import InputBuilder
+from hcm.model.loading import load_image_processor, load_tokenizer, resolve_name_or_path
 from hcm.predictions import gather_rows, publish
 from hcm.prompts import Prompt
 from hcm.screening_score import ScreeningScore
@@ -110,8 +115,6 @@ class ScreeningDataModule(L.LightningDataModule):
         """Generate the synthetic benchmark into `root` when it is configured and missing."""
         if self.synthetic is None:
             return
-        from hcm.data import synthetic
-
         cfg = synthetic.SyntheticConfig(**self.synthetic.get("generator", {}))
         sizes, seed = dict(self.synthetic["sizes"]), self.synthetic.get("seed", 0)
         if not synthetic.dataset_complete(self.root, sizes, cfg, seed):
@@ -147,11 +150,6 @@ class ScreeningDataModule(L.LightningDataModule):
 
     # -- model-side processing -----------------------------------------------------------------
     def _builder(self) -> Any:
-        from transformers import AutoConfig
-
-        from hcm.model.inputs import InputBuilder
-        from hcm.model.loading import load_image_processor, load_tokenizer, resolve_name_or_path
-
         path = resolve_name_or_path(self.model_cfg["name_or_path"], self.model_cfg.get("tiny"))
         trust = self.model_cfg.get("trust_remote_code", False)
         return InputBuilder(
@@ -164,8 +162,6 @@ class ScreeningDataModule(L.LightningDataModule):
         )
 
     def setup(self, stage: str | None = None) -> None:
-        from hcm.data.messages import screening_messages
-
         builder = self._builder()
         args = (builder, self.prompt, self.image_layout, screening_messages)
         self.sft_collate, self.prompt_collate = SFTCollator(*args), PromptCollator(*args)
@@ -188,8 +184,6 @@ class ScreeningDataModule(L.LightningDataModule):
         return [load_sample(r) for r in self.load(self.eval_split)[: self.limit_eval]]
 
     def messages(self, sample: ScreeningSample) -> list[dict]:
-        from hcm.data.messages import screening_messages
-
         return screening_messages(
             sample, self.prompt.user, self.image_layout, system=self.prompt.system
         )
@@ -349,12 +343,10 @@ class ScreeningDataModule(L.LightningDataModule):
         )
 
     def _stream(self):
-        """Fresh synthetic samples every step; a new draw each epoch (science-notes.md)."""
-        from hcm.data.synthetic import SyntheticConfig, SyntheticStream
-
+        """Fresh synthetic samples every step; a new draw each epoch (docs/science.md)."""
         rank, world, epoch = self._place()
-        stream = SyntheticStream(
-            SyntheticConfig(**self.synthetic.get("generator", {})),
+        stream = synthetic.SyntheticStream(
+            synthetic.SyntheticConfig(**self.synthetic.get("generator", {})),
             seed=self.synthetic.get("seed", 0) + 1,  # never the fixed splits' samples
             samples_per_epoch=self.samples_per_epoch,
             rank=rank,

@@ -179,7 +179,9 @@ def _parse_record(
     meta = {} if meta is None else meta
     if not isinstance(meta, dict):
         raise _FieldError("meta", f"must be an object, got {type(meta).__name__}")
-    return ScreeningRecord(rid, original, candidates, answer, tuple(dims), meta=meta, **texts)
+    return ScreeningRecord(
+        rid, original, candidates, answer=answer, dimensions=tuple(dims), meta=meta, **texts
+    )
 
 
 def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:

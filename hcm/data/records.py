@@ -8,7 +8,7 @@ and its checks: `hcm.data.manifest`); a `ScreeningSample` holds the images decod
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -19,19 +19,30 @@ LABELLED_SPLITS = ("train", "test")
 TEXT_FIELDS = ("caption", "weak_cot", "answer_cot")
 
 
-@dataclass(frozen=True)
-class ScreeningRecord:
-    """One sample: the original product image, four generated candidates A-D and their labels."""
+@dataclass(frozen=True, kw_only=True)
+class Labels:
+    """What a sample says about its candidates, on disk or in memory: the acceptable set, the
+    defect dimensions, the texts SFT learns from (TEXT_FIELDS) and the generator's metadata."""
 
-    id: str
-    original: Path
-    candidates: tuple[Path, Path, Path, Path]
     answer: str | None = None
     dimensions: tuple[str, ...] = ()
     caption: str | None = None
     weak_cot: str | None = None
     answer_cot: str | None = None
     meta: Mapping[str, Any] = field(default_factory=dict)
+
+    def labels(self) -> dict[str, Any]:
+        """The label fields by name: what a record hands to its decoded sample."""
+        return {f.name: getattr(self, f.name) for f in fields(Labels)}
+
+
+@dataclass(frozen=True)
+class ScreeningRecord(Labels):
+    """One sample: the original product image, four generated candidates A-D and their labels."""
+
+    id: str
+    original: Path
+    candidates: tuple[Path, Path, Path, Path]
 
     @property
     def images(self) -> tuple[Path, ...]:
@@ -47,7 +58,7 @@ class ScreeningRecord:
 
 
 @dataclass(frozen=True)
-class ScreeningSample:
+class ScreeningSample(Labels):
     """A sample in memory, images decoded: what the model layer consumes.
 
     Built from a record by `load_sample`, or drawn directly by the synthetic
@@ -56,12 +67,6 @@ class ScreeningSample:
 
     id: str
     images: tuple[Any, ...]
-    answer: str | None = None
-    dimensions: tuple[str, ...] = ()
-    caption: str | None = None
-    weak_cot: str | None = None
-    answer_cot: str | None = None
-    meta: Mapping[str, Any] = field(default_factory=dict)
 
 
 def load_sample(record: ScreeningRecord, max_pixels: int = MAX_PIXELS) -> ScreeningSample:
@@ -72,13 +77,4 @@ def load_sample(record: ScreeningRecord, max_pixels: int = MAX_PIXELS) -> Screen
             images.append(load_image(path, max_pixels))
         except ImageError as e:
             raise ImageError(f"record {record.id} field '{name}': {e}") from None
-    return ScreeningSample(
-        id=record.id,
-        images=tuple(images),
-        answer=record.answer,
-        dimensions=record.dimensions,
-        caption=record.caption,
-        weak_cot=record.weak_cot,
-        answer_cot=record.answer_cot,
-        meta=record.meta,
-    )
+    return ScreeningSample(id=record.id, images=tuple(images), **record.labels())

@@ -21,7 +21,7 @@ import os
 import shutil
 import tempfile
 import threading
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
@@ -121,6 +121,13 @@ user\nassistant\nsystem\nuser\nassistant\nsystem\n
 """
 
 
+# Not sizes: every InternVL3 checkpoint's pixel shuffle merges 2x2 patches into one image token,
+# and the longest context is only a config entry under RoPE (the real ones say 32768; 4096 is
+# more than any sequence of this project).
+DOWNSAMPLE_RATIO = 0.5
+MAX_POSITION_EMBEDDINGS = 4096
+
+
 @dataclass(frozen=True)
 class TinySizes:
     """The tiny model's dimensions; defaults give 4 image tokens per 56 px tile."""
@@ -136,19 +143,26 @@ class TinySizes:
     text_num_attention_heads: int = 4
     text_num_key_value_heads: int = 2
     text_intermediate_size: int = 128
-    max_position_embeddings: int = 4096
-    downsample_ratio: float = 0.5
+
+    def part(self, prefix: str) -> dict[str, int]:
+        """The fields named `<prefix><key>`, as {key: value}: one sub-config's arguments."""
+        return {
+            f.name[len(prefix) :]: getattr(self, f.name)
+            for f in fields(self)
+            if f.name.startswith(prefix)
+        }
 
     @property
     def image_seq_length(self) -> int:
         """Tokens per tile: (image_size / patch_size)^2 patches, pixel-shuffled by the ratio."""
         patches = (self.image_size // self.patch_size) ** 2
-        return int(patches * self.downsample_ratio**2)
+        return int(patches * DOWNSAMPLE_RATIO**2)
 
 
 # Bump when what is saved changes; with the tokenizer's hash in the marker, a cached tiny model
-# built by another version of this file is then refused instead of silently reused.
-TINY_FORMAT = 1
+# built by another version of this file is then refused instead of silently reused. 2: the
+# marker no longer lists max_position_embeddings and downsample_ratio (constants since).
+TINY_FORMAT = 2
 MARKER = "hcm_tiny.json"
 _INIT_LOCK = threading.Lock()
 
@@ -190,10 +204,7 @@ def tiny_config(
     tokenizer = tokenizer if tokenizer is not None else build_tiny_tokenizer()
     sizes = sizes if sizes is not None else TinySizes()
     vision = InternVLVisionConfig(
-        hidden_size=sizes.vision_hidden_size,
-        num_hidden_layers=sizes.vision_num_hidden_layers,
-        num_attention_heads=sizes.vision_num_attention_heads,
-        intermediate_size=sizes.vision_intermediate_size,
+        **sizes.part("vision_"),
         image_size=sizes.image_size,
         patch_size=sizes.patch_size,
         attention_bias=True,  # the real InternViT has qkv biases; the class default is False
@@ -203,12 +214,8 @@ def tiny_config(
     )
     text = Qwen2Config(
         vocab_size=len(tokenizer),
-        hidden_size=sizes.text_hidden_size,
-        intermediate_size=sizes.text_intermediate_size,
-        num_hidden_layers=sizes.text_num_hidden_layers,
-        num_attention_heads=sizes.text_num_attention_heads,
-        num_key_value_heads=sizes.text_num_key_value_heads,
-        max_position_embeddings=sizes.max_position_embeddings,
+        **sizes.part("text_"),
+        max_position_embeddings=MAX_POSITION_EMBEDDINGS,
         rms_norm_eps=1e-6,
         rope_parameters={"rope_type": "default", "rope_theta": 1_000_000.0},
         tie_word_embeddings=False,
@@ -220,7 +227,7 @@ def tiny_config(
         text_config=text,
         image_token_id=tokenizer.context_image_token_id,
         image_seq_length=sizes.image_seq_length,
-        downsample_ratio=sizes.downsample_ratio,
+        downsample_ratio=DOWNSAMPLE_RATIO,
         tie_word_embeddings=False,  # untied like the real checkpoints; the class default ties them
     )
 

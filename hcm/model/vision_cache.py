@@ -23,9 +23,7 @@ from torch import nn
 
 from hcm.logprobs import (
     DEFAULT_CHUNK_SIZE,
-    check_completion_shapes,
-    completion_from_hidden,
-    position_ids_from_mask,
+    completion_logprobs,
 )
 
 
@@ -103,15 +101,8 @@ def shared_image_logprobs(
         tiles: tiles per distinct prompt.
         prompt_index: (N,) which distinct prompt each row belongs to.
     """
-    prompt_len = check_completion_shapes(input_ids, attention_mask, completion_mask)
     features = image_features(model, pixel_values)  # (sum(tiles), T_img, D), once per prompt
     embeds = embeds_with_shared_images(model, input_ids, features, tiles, prompt_index)
-    hidden = model.model.language_model(
-        inputs_embeds=embeds,
-        attention_mask=attention_mask,
-        position_ids=position_ids_from_mask(attention_mask),
-        use_cache=False,
-    ).last_hidden_state  # (N, P+L, H)
-    return completion_from_hidden(
-        hidden, input_ids, prompt_len, model.lm_head, temperature, chunk_size
+    return completion_logprobs(
+        model, input_ids, attention_mask, None, completion_mask, temperature, chunk_size, embeds
     )

@@ -57,28 +57,22 @@ def scheduled_steps(
 class ScreeningModule(L.LightningModule):
     def __init__(
         self,
+        *,
         model: dict,
+        eval_generation: dict,
         freeze: dict | None = None,
         optimizer: dict | None = None,
         scheduler: dict | None = None,
-        eval_generation: dict | None = None,
     ):
+        """Keys of conf/module/*.yaml, where their defaults live. Evaluation builds the module
+        with the model and generation settings only: no freezing, no optimizer."""
         super().__init__()
         self.save_hyperparameters()
         self.model_cfg = dict(model)
         self.freeze_cfg = dict(freeze or {})
-        self.optimizer_cfg = {
-            "lr": 1e-5,
-            "weight_decay": 0.0,
-            "betas": (0.9, 0.999),
-            **(optimizer or {}),
-        }
-        self.scheduler_cfg = {"warmup_ratio": 0.05, "min_lr_ratio": 0.0, **(scheduler or {})}
-        self.eval_generation = {
-            "max_new_tokens": 256,
-            "do_sample": False,
-            **(eval_generation or {}),
-        }
+        self.optimizer_cfg = dict(optimizer or {})
+        self.scheduler_cfg = dict(scheduler or {})
+        self.eval_generation = dict(eval_generation)
         self.val_score, self.test_score = ScreeningScore(), ScreeningScore()
         self.val_truncated, self.test_truncated = MeanMetric(), MeanMetric()
         self.model: Any = None

@@ -40,6 +40,9 @@ from hcm.faults import fault_point
 from hcm.grpo_math import group_advantages, policy_loss, zero_variance_groups
 from hcm.logprobs import completion_logprobs
 from hcm.mining import Mining
+from hcm.model import generation
+from hcm.model.inputs import tiles_per_row
+from hcm.model.vision_cache import rows_by_prompt, shared_image_logprobs
 from hcm.modules.base import ScreeningModule, scheduled_steps
 from hcm.modules.grpo_log import GRPOStepLog
 from hcm.rewards import score
@@ -79,12 +82,19 @@ class GRPOModule(ScreeningModule):
         fast: dict,
         stop_at_switch: bool,
     ):
-        super().__init__(model, freeze, optimizer, scheduler, eval_generation)
+        super().__init__(
+            model=model,
+            eval_generation=eval_generation,
+            freeze=freeze,
+            optimizer=optimizer,
+            scheduler=scheduler,
+        )
         self.automatic_optimization = False  # mu updates and mini-batches per rollout
-        self.G, self.beta, self.kl_clamp = group_size, beta, kl_clamp
-        self.clip_eps, self.clip_eps_high = clip_eps, clip_eps_high
-        self.num_iterations = num_iterations
-        self.loss_level, self.loss_agg, self.advantage_scale = loss_level, loss_agg, advantage_scale
+        self.G, self.beta, self.num_iterations = group_size, beta, num_iterations
+        self.loss_agg, self.advantage_scale = loss_agg, advantage_scale
+        # eqs. 3-5's settings, as `policy_loss` takes them
+        self.loss_args = {"clip_eps": clip_eps, "clip_eps_high": clip_eps_high, "beta": beta}
+        self.loss_args |= {"level": loss_level, "agg": loss_agg, "kl_clamp": kl_clamp}
         self.reward_weights, self.sampling = dict(rewards), dict(sampling)
         self.mini_batch_size = mini_batch_size
         self.logprob_chunk_size, self.max_grad_norm = logprob_chunk_size, max_grad_norm
@@ -190,8 +200,6 @@ class GRPOModule(ScreeningModule):
     @torch.no_grad()
     def generate(self, batch: dict) -> Rollout:
         """G completions of each prompt of the batch, laid out as `hcm.rollout` draws."""
-        from hcm.model.inputs import tiles_per_row
-
         inputs, G = batch["inputs"], self.G  # on self.device: Lightning moved the batch
         gen = self._sample(inputs)  # the one place each prompt is repeated G times
         cfg = self.model.config
@@ -304,12 +312,7 @@ class GRPOModule(ScreeningModule):
             ref,
             rollout.advantages[rows].to(self.device),  # (n,)
             mask,
-            clip_eps=self.clip_eps,
-            clip_eps_high=self.clip_eps_high,
-            beta=self.beta,
-            level=self.loss_level,
-            agg=self.loss_agg,
-            kl_clamp=self.kl_clamp,
+            **self.loss_args,
         )
         share = loss_share(mask, rollout.size, n_tokens, self.loss_agg)
         self.manual_backward(loss * share)
@@ -322,10 +325,8 @@ class GRPOModule(ScreeningModule):
     def _sample(self, inputs: dict) -> Any:
         """G completions per prompt, a Generation (generate masks InternVL's image and chat
         tokens)."""
-        from hcm.model.generation import generate
-
         s = self.sampling
-        return generate(
+        return generation.generate(
             self.model,
             inputs,
             self.tokenizer,
@@ -359,8 +360,6 @@ class GRPOModule(ScreeningModule):
         ids, attn = rollout.input_ids[rows], rollout.attention_mask[rows]
         mask = rollout.completion_mask[rows]
         if self.fast["share_images"]:  # rows are prompt-major, G per prompt: encode images once
-            from hcm.model.vision_cache import rows_by_prompt, shared_image_logprobs
-
             firsts, prompt_index = rows_by_prompt(rows, self.G)
             pixels = rollout.pixels_of(firsts).to(model.dtype)  # each distinct prompt's tiles once
             tiles = [rollout.tiles[r // self.G] for r in firsts]

@@ -39,10 +39,7 @@ def _write_one(
     paths = [folder / f"{name}.png" for name in ("original", *OPTIONS)]
     for path, image in zip(paths, s.images, strict=True):
         image.save(path, format="PNG", compress_level=PNG_COMPRESSION)
-    texts = {"caption": s.caption, "weak_cot": s.weak_cot, "answer_cot": s.answer_cot}
-    return ScreeningRecord(
-        s.id, paths[0], tuple(paths[1:]), s.answer, s.dimensions, **texts, meta=s.meta
-    )
+    return ScreeningRecord(s.id, paths[0], tuple(paths[1:]), **s.labels())
 
 
 def _marker(sizes: Mapping[str, int], cfg: SyntheticConfig, seed: int) -> dict[str, Any]:

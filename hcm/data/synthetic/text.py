@@ -50,8 +50,27 @@ def color_name(color: list[int]) -> str:
     return f"dark {name}" if v < 0.45 else name
 
 
+# A defect family's phrase, where it needs no more than the fields `defect_phrase` fills in.
+PHRASES = {
+    "quantity": "the number of {plural} changed from {product[count]} to {q[count]}",
+    "shadow_toward_light": (
+        "the shadow falls toward the sun on the {light}, which is physically wrong"
+    ),
+    "shadow_inconsistent": "the shadows of the {plural} point in different directions",
+    "floating": "the {noun} floats above the floor without support",
+    "tilted": "the {noun} is tilted and balances on one corner, which is physically impossible",
+    "cropped": "the {noun} is cut off by the {q[edge]} edge of the image",
+    "extra_object": "there is an extra {colour} {q[kind]} the original does not have",
+    "extra_mark": "a {colour} {q[kind]} appears on the {noun}, unlike the original",
+}
+
+
 def defect_phrase(product: Mapping, scene: Mapping, d: Mapping) -> str:
     noun, q, f = NOUNS[product["shape"]], d["params"], d["family"]
+    if f in PHRASES:
+        colour = color_name(q["color"]) if "color" in q else None
+        fields = {"noun": noun, "plural": PLURALS[product["shape"]], "light": scene["light"]}
+        return PHRASES[f].format(**fields, colour=colour, product=product, q=q)
     if f == "colour":
         was, now = color_name(product["body"]), color_name(q["body"])
         shift = "shifted" if was == now else f"changed from {was} to {now}"
@@ -65,25 +84,8 @@ def defect_phrase(product: Mapping, scene: Mapping, d: Mapping) -> str:
         return f"the label shows {mark_words(q['mark'])} instead of {mark_words(product['mark'])}"
     if f == "parts_missing":
         return f"the {noun}'s {q['part']} {'are' if q['part'] == 'stripes' else 'is'} missing"
-    if f == "quantity":
-        plural = PLURALS[product["shape"]]
-        return f"the number of {plural} changed from {product['count']} to {q['count']}"
     if f == "shadow_missing":
         return f"the {noun} casts {'no' if q['opacity'] == 0 else 'almost no'} shadow under the sun"
-    if f == "shadow_toward_light":
-        return f"the shadow falls toward the sun on the {scene['light']}, which is physically wrong"
-    if f == "shadow_inconsistent":
-        return f"the shadows of the {PLURALS[product['shape']]} point in different directions"
-    if f == "floating":
-        return f"the {noun} floats above the floor without support"
-    if f == "tilted":
-        return f"the {noun} is tilted and balances on one corner, which is physically impossible"
-    if f == "cropped":
-        return f"the {noun} is cut off by the {q['edge']} edge of the image"
-    if f == "extra_object":
-        return f"there is an extra {color_name(q['color'])} {q['kind']} the original does not have"
-    if f == "extra_mark":
-        return f"a {color_name(q['color'])} {q['kind']} appears on the {noun}, unlike the original"
     raise ValueError(f"unknown defect family {f!r}")
 
 
