@@ -249,7 +249,7 @@ def test_loaders_pass_trust_remote_code_through(tmp_path, monkeypatch, trust):
 def test_module_and_datamodule_pass_the_config_flag(tmp_path, monkeypatch, trust):
     import transformers
 
-    import hcm.model.inputs
+    import hcm.data.datamodule
     from hcm.data.datamodule import ScreeningDataModule
     from hcm.modules.base import ScreeningModule
 
@@ -273,7 +273,7 @@ def test_module_and_datamodule_pass_the_config_flag(tmp_path, monkeypatch, trust
     monkeypatch.setattr(loading, "load_tokenizer", record("tokenizer"))
     monkeypatch.setattr(loading, "load_image_processor", record("image_processor"))
     monkeypatch.setattr(transformers.AutoConfig, "from_pretrained", record("config", Config()))
-    monkeypatch.setattr(hcm.model.inputs, "InputBuilder", lambda *a, **k: None)
+    monkeypatch.setattr(hcm.data.datamodule, "InputBuilder", lambda *a, **k: None)
     model_cfg = {"name_or_path": str(tmp_path)}
     if trust is not None:
         model_cfg["trust_remote_code"] = trust

@@ -45,8 +45,8 @@ from hcm.data.messages import screening_messages
 from hcm.data.records import ScreeningRecord, ScreeningSample, load_sample
 from hcm.data.sampler import EvalSampler, HardCaseSampler, ResumableSampler
 from hcm.mining import Mining, cache_params, log_truncated, mine, model_fingerprint
+from hcm.model import loading
 from hcm.model.inputs import InputBuilder
-from hcm.model.loading import load_image_processor, load_tokenizer, resolve_name_or_path
 from hcm.predictions import gather_rows, publish
 from hcm.prompts import Prompt
 from hcm.screening_score import ScreeningScore
@@ -150,11 +150,13 @@ class ScreeningDataModule(L.LightningDataModule):
 
     # -- model-side processing -----------------------------------------------------------------
     def _builder(self) -> Any:
-        path = resolve_name_or_path(self.model_cfg["name_or_path"], self.model_cfg.get("tiny"))
+        path = loading.resolve_name_or_path(
+            self.model_cfg["name_or_path"], self.model_cfg.get("tiny")
+        )
         trust = self.model_cfg.get("trust_remote_code", False)
         return InputBuilder(
-            load_tokenizer(path, trust_remote_code=trust),
-            load_image_processor(path, trust_remote_code=trust),
+            loading.load_tokenizer(path, trust_remote_code=trust),
+            loading.load_image_processor(path, trust_remote_code=trust),
             max_patches=self.model_cfg.get("max_patches", 1),
             image_seq_length=AutoConfig.from_pretrained(
                 path, trust_remote_code=trust
