@@ -23,6 +23,7 @@ import logging
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -55,7 +56,7 @@ class Run:
             return None
         return self.job.folder if self.stage is None else self.job.folder / "stages" / self.stage
 
-    @property
+    @cached_property
     def curves(self) -> list[Path] | None:
         """The CSV logs of the GRPO training behind this evaluation: the stage whose model it
         scored and the stage that one continued (`init_ckpt`); None when that model is not a
@@ -93,6 +94,11 @@ class Run:
         return 100 * lo, 100 * hi
 
 
+def markdown_table(head: Sequence[str], lines: Sequence[Sequence[str]]) -> str:
+    rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    return "\n".join(rows + ["| " + " | ".join(cells) + " |" for cells in lines]) + "\n"
+
+
 def _without_seed(identity: dict[str, str]) -> dict[str, str]:
     return {k: v for k, v in identity.items() if k != SEED}
 
@@ -101,16 +107,17 @@ def _seed_key(run: Run) -> tuple:
     return (not run.seed.isdigit(), int(run.seed) if run.seed.isdigit() else 0, run.seed)
 
 
-def row_runs(done: Sequence[tuple[Any, dict]], failed: Sequence[Any], name: Any) -> list[Run]:
+def row_runs(
+    done: Sequence[tuple[Any, str | None, dict]], failed: Sequence[Any], name: Any
+) -> list[Run]:
     """The runs of one row, in seed order: the first finished job and the finished jobs that
     differ from it only in `seed`, one per seed. Other matching jobs are left out, with a
     warning, as are the seeds whose job left no results."""
     first = _without_seed(done[0][0].identity)
     runs: dict[str, Run] = {}
-    for job, payload in done:
+    for job, stage, payload in done:
         seed = job.identity.get(SEED, "")
         if _without_seed(job.identity) == first and seed not in runs:
-            stage = next(k for k, v in job.evals.items() if v is payload)
             runs[seed] = Run(job, seed, payload, stage)
     if len(runs) < len(done):
         used = [r.job.name for r in runs.values()]

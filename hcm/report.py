@@ -36,6 +36,7 @@ from hcm.aggregate import (
     PREFIX,
     Run,
     cell,
+    markdown_table,
     paired_delta,
     row_runs,
     row_values,
@@ -127,15 +128,14 @@ def matches(job: Job, match: dict) -> bool:
     return all(job.identity.get(k) == str(v) for k, v in match.items())
 
 
-def eval_of(job: Job, stage: str | None) -> dict | None:
-    """The metrics.json of a job's evaluation: `stage`, else the job's own or its only one."""
-    if stage is not None:
-        return job.evals.get(stage)
-    if None in job.evals:
-        return job.evals[None]
-    if "eval" in job.evals:
-        return job.evals["eval"]
-    return next(iter(job.evals.values())) if len(job.evals) == 1 else None
+def eval_of(job: Job, stage: str | None) -> tuple[str | None, dict] | None:
+    """(stage, metrics.json) of a job's evaluation: `stage`, else the job's own or its only one."""
+    if stage is None and None not in job.evals:  # not the job's own: its "eval" or its only one
+        if "eval" in job.evals:
+            stage = "eval"
+        elif len(job.evals) == 1:
+            stage = next(iter(job.evals))
+    return (stage, job.evals[stage]) if stage in job.evals else None
 
 
 def _random_values(columns: Sequence[str], jobs: Sequence[Job]) -> dict[str, float | None]:
@@ -156,10 +156,10 @@ def fill_row(entry: dict, columns: Sequence[str], jobs: Sequence[Job], fallback:
     if entry.get("random"):
         return Row(labels, _random_values(columns, jobs), {}, "ok")
     found = [j for j in jobs if matches(j, entry["match"])]
-    done = [(j, p) for j in found if (p := eval_of(j, entry.get("stage"))) is not None]
+    done = [(j, *e) for j in found if (e := eval_of(j, entry.get("stage"))) is not None]
     runs, intervals = [], {}
     if done:
-        failed = [j for j in found if all(j is not d for d, _ in done)]
+        failed = [j for j in found if all(j is not d for d, _, _ in done)]
         runs = row_runs(done, failed, labels)
         job, status = runs[0].job, "ok"
         values, intervals = row_values(runs, columns)
@@ -224,15 +224,16 @@ def to_markdown(spec: dict, rows: Sequence[Row]) -> str:
     columns, decimals = spec["columns"], int(spec.get("decimals", 2))
     seeded = any(len(r.runs) > 1 for r in rows)
     head = [*spec["label_columns"], *columns.values(), *(["Seeds"] if seeded else [])]
-    lines = [f"**{spec['title']}**", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines = []
     for row in rows:
         if row.status == "section":
             cells = [f"*{row.labels[0]}*"] + [""] * (len(head) - 1)
         else:
             cells = [*row.labels, *(cell(row, c, decimals) for c in columns)]
             cells += [str(len(row.runs) or "-")] if seeded else []
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n" + (f"\n{CAPTION}\n" if seeded else "")
+        lines.append(cells)
+    table = f"**{spec['title']}**\n\n" + markdown_table(head, lines)
+    return table + (f"\n{CAPTION}\n" if seeded else "")
 
 
 # -- curves ----------------------------------------------------------------------------------------

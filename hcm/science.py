@@ -23,7 +23,7 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
-from hcm.aggregate import Run
+from hcm.aggregate import Run, markdown_table
 from hcm.curves import Panel, Points, draw, read_curve
 from hcm.data.manifest import manifest_hash
 from hcm.data.synthetic.render import FAMILIES
@@ -150,11 +150,6 @@ def run_reward(run: Run) -> dict[int, float]:
 
 
 # -- the report's sections -----------------------------------------------------------------------
-def _table(head: Sequence[str], lines: Sequence[Sequence[str]]) -> str:
-    rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    return "\n".join(rows + ["| " + " | ".join(cells) + " |" for cells in lines]) + "\n"
-
-
 def _num(value: float | None, decimals: int) -> str:
     return "n/a" if value is None else f"{value:.{decimals}f}"
 
@@ -172,7 +167,7 @@ def dimension_section(rows, names, decimals: int) -> str:
         return ""
     head = ["Row", *(d.replace("_", " ").title() for d in DIMENSIONS)]
     note = "Per-dimension held-out scores, mean over seeds (n/a: no held-out sample has it)."
-    return f"\n**Scores per dimension**\n\n{_table(head, lines)}\n{note}\n"
+    return f"\n**Scores per dimension**\n\n{markdown_table(head, lines)}\n{note}\n"
 
 
 def family_section(rows, names, decimals: int) -> str:
@@ -193,7 +188,7 @@ def family_section(rows, names, decimals: int) -> str:
         "detects nothing); `clean`: of the defect-free candidates, the share it keeps. Mean over "
         "seeds. Families belong to dimensions as in hcm.data.synthetic.render.FAMILIES."
     )
-    return f"\n**Detection rate per defect family**\n\n{_table(head, lines)}\n{note}\n"
+    return f"\n**Detection rate per defect family**\n\n{markdown_table(head, lines)}\n{note}\n"
 
 
 def zero_variance_section(rows, names, decimals: int) -> str:
@@ -209,7 +204,7 @@ def zero_variance_section(rows, names, decimals: int) -> str:
         "Share of GRPO groups whose G rewards were all equal (no advantage, no gradient): "
         "mean over the GRPO stage's steps, then over seeds."
     )
-    return f"\n**Zero-variance groups**\n\n{_table(head, lines)}\n{note}\n"
+    return f"\n**Zero-variance groups**\n\n{markdown_table(head, lines)}\n{note}\n"
 
 
 def sections(spec: dict, rows: Sequence[Any], names: Sequence[str]) -> str:

@@ -100,11 +100,12 @@ def compose_stages(cfg: DictConfig) -> list[tuple[str, str, DictConfig]]:
     root = Path(cfg.paths.output_dir) / "stages"
     store = cfg.paths.get("stage_store")
     composed: list[tuple[str, str, DictConfig]] = []
+    by_name: dict[str, DictConfig] = {}  # the stages composed so far
     inits: dict[str, list[str]] = {}  # stage -> the overrides that set its initial model
     for name, stage in cfg.pipeline.items():
         if stage is None:  # an experiment may drop an inherited stage with `name: null`
             continue
-        folders = {n: Path(c.paths.output_dir) for n, _, c in composed}
+        folders = {n: Path(c.paths.output_dir) for n, c in by_name.items()}
         overrides = [f"paths.output_dir={root / name}", f"task_name={cfg.task_name}/{name}"]
         if stage.get("experiment"):
             overrides.insert(0, f"experiment={stage.experiment}")
@@ -129,8 +130,7 @@ def compose_stages(cfg: DictConfig) -> list[tuple[str, str, DictConfig]]:
         kind = stage.get("kind", "train")
         stage_cfg = compose(config_name="eval" if kind == "eval" else "train", overrides=overrides)
         if stage.get("continue_from"):
-            first = next(c for n, _, c in composed if n == stage.continue_from)
-            changed = stages.continuation_changes(first, stage_cfg)
+            changed = stages.continuation_changes(by_name[stage.continue_from], stage_cfg)
             if changed:
                 raise ConfigError(
                     f"stage {name!r} continues {stage.continue_from!r} but differs from it in "
@@ -141,9 +141,9 @@ def compose_stages(cfg: DictConfig) -> list[tuple[str, str, DictConfig]]:
             if store:
                 folder = Path(store) / f"{name}-{stages.config_hash(stage_cfg)}"
                 stage_cfg.paths.output_dir = str(folder)
-                stages.link(root / name, folder)
         log.debug("pipeline stage %s (%s): %s", name, kind, " ".join(overrides))
         composed.append((name, kind, stage_cfg))
+        by_name[name] = stage_cfg
     return composed
 
 
@@ -154,6 +154,11 @@ def run_pipeline(cfg: DictConfig) -> dict[str, Any]:
     composed = compose_stages(cfg)
     for _, _, stage_cfg in composed:
         validate(stage_cfg)
+    if cfg.paths.get("stage_store"):  # the job's stages/<name>: a link to the store's folder
+        for name, _, stage_cfg in composed:
+            stages.link(
+                Path(cfg.paths.output_dir) / "stages" / name, Path(stage_cfg.paths.output_dir)
+            )
     metrics: dict[str, Any] = {}
     for i, (name, kind, stage_cfg) in enumerate(composed, start=1):
         stage_banner(f"stage {i}/{len(composed)}: {name} ({stage_cfg.job_type})", stage_cfg)

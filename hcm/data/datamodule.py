@@ -38,10 +38,10 @@ from hcm.data.datasets import (
     SFTDataset,
     StreamDataset,
     labels,
+    prompt_messages,
 )
 from hcm.data.hard_cases import HardCaseSet
 from hcm.data.manifest import load_manifest, manifest_hash
-from hcm.data.messages import screening_messages
 from hcm.data.records import ScreeningRecord, ScreeningSample, load_sample
 from hcm.data.sampler import EvalSampler, HardCaseSampler, ResumableSampler
 from hcm.mining import Mining, cache_params, log_truncated, mine, model_fingerprint
@@ -165,7 +165,7 @@ class ScreeningDataModule(L.LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         builder = self._builder()
-        args = (builder, self.prompt, self.image_layout, screening_messages)
+        args = (builder, self.prompt, self.image_layout)
         self.sft_collate, self.prompt_collate = SFTCollator(*args), PromptCollator(*args)
         if self.mode == "sft" and stage in (None, "fit") and not self.streaming:
             # (a stream draws its SFT items itself: no split needs to be on disk)
@@ -186,9 +186,7 @@ class ScreeningDataModule(L.LightningDataModule):
         return [load_sample(r) for r in self.load(self.eval_split)[: self.limit_eval]]
 
     def messages(self, sample: ScreeningSample) -> list[dict]:
-        return screening_messages(
-            sample, self.prompt.user, self.image_layout, system=self.prompt.system
-        )
+        return prompt_messages(sample, self.prompt, self.image_layout)
 
     def labels(self, samples: Sequence[ScreeningSample]) -> dict[str, Any]:
         return labels(samples)

@@ -9,12 +9,13 @@ SFT sources (Table 5) map a sample to one (prompt, target) pair each:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from torch.utils.data import Dataset, IterableDataset
 
+from hcm.data.messages import screening_messages
 from hcm.data.records import ScreeningRecord, ScreeningSample, load_sample
 from hcm.prompts import Prompt
 
@@ -105,6 +106,11 @@ def labels(samples: Sequence[ScreeningSample]) -> dict[str, list]:
     }
 
 
+def prompt_messages(sample: ScreeningSample, prompt: Prompt, layout: str) -> list[dict]:
+    """A sample as the chat messages of its generation prompt (no reply)."""
+    return screening_messages(sample, prompt.user, layout, system=prompt.system)
+
+
 @dataclass
 class SFTCollator:
     """SFT items -> right-padded inputs with labels on the assistant reply only (eq. 1)."""
@@ -112,11 +118,10 @@ class SFTCollator:
     builder: Any  # hcm.model.inputs.InputBuilder
     prompt: Prompt
     layout: str
-    messages: Callable[..., list]  # hcm.data.messages.screening_messages
 
     def __call__(self, items: Sequence[SFTItem]) -> dict:
         conversations = [
-            self.messages(
+            screening_messages(
                 it.sample,
                 self.prompt.caption if it.source == "caption" else self.prompt.user,
                 self.layout,
@@ -139,13 +144,9 @@ class PromptCollator:
     builder: Any
     prompt: Prompt
     layout: str
-    messages: Callable[..., list]
 
     def __call__(self, samples: Sequence[ScreeningSample]) -> dict:
-        conversations = [
-            self.messages(s, self.prompt.user, self.layout, system=self.prompt.system)
-            for s in samples
-        ]
+        conversations = [prompt_messages(s, self.prompt, self.layout) for s in samples]
         inputs = self.builder.encode(
             conversations, add_generation_prompt=True, padding_side="left", with_labels=False
         )

@@ -51,10 +51,14 @@ class Generation:
     completion_ids: torch.Tensor  # (N, L) long, right-padded with the pad id
     completion_mask: torch.Tensor  # (N, L) long, 1 on generated tokens up to and with eos/stop
     texts: list[str]  # decoded without special tokens, up to the cut
-    prompt_length: int  # the padded prompt length P the completions follow
     truncated: torch.Tensor  # (N,) bool: cut by max_new_tokens (neither eos nor a stop string)
     prompt_ids: torch.Tensor  # (N, P) the prompt each row continues (each prompt G times)
     prompt_mask: torch.Tensor  # (N, P) its attention mask (0 on left padding)
+
+    @property
+    def prompt_length(self) -> int:
+        """The padded prompt length P the completions follow."""
+        return self.prompt_ids.shape[1]
 
 
 def banned_token_ids(tokenizer) -> list[int]:
@@ -216,7 +220,7 @@ def generate(
     ids, mask, texts = truncate_completions(sequences[:, prompt_length:], tokenizer, stop_strings)
     truncated = ran_out(ids, mask, texts, tokenizer.eos_token_id, max_new_tokens, stop_strings)
     prompts = inputs["input_ids"], inputs["attention_mask"]  # (N, P) as sampled from
-    return Generation(ids, mask, texts, prompt_length, truncated, *prompts)
+    return Generation(ids, mask, texts, truncated, *prompts)
 
 
 def ran_out(

@@ -228,7 +228,7 @@ class GRPOModule(ScreeningModule):
         flat = zero_variance_groups(rollout.rewards, G)  # (B,)
         rollout.zero_variance_sampled = flat.float().mean().item()
         for _ in range(self.resample_zero_variance):
-            prompts = zero_variance_groups(rollout.rewards, G).nonzero().squeeze(1).tolist()
+            prompts = flat.nonzero().squeeze(1).tolist()
             if not prompts:
                 break
             gen = self._sample(self._select_prompts(rollout, prompts))
@@ -241,6 +241,7 @@ class GRPOModule(ScreeningModule):
             rollout.rewards[rows] = rewards
             for name in rollout.per_reward:
                 rollout.per_reward[name][rows] = parts[name]
+            flat = zero_variance_groups(rollout.rewards, G)  # (B,) after the redraw
 
     @torch.no_grad()
     def fixed_logprobs(self, rollout: Rollout) -> tuple[torch.Tensor | None, torch.Tensor | None]:
