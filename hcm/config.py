@@ -152,6 +152,7 @@ class Rule:
 
 RULES: tuple[Rule, ...] = (
     Rule("seed", int_at_least(0)),
+    Rule("on_code_change", one_of(("warn", "refuse"))),
     # model
     Rule("model.name_or_path", NON_EMPTY_STR),
     Rule("model.dtype", one_of(DTYPE_NAMES)),

@@ -30,6 +30,12 @@ log = logging.getLogger(__name__)
 
 
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
+    return evaluate_data(cfg)[0]
+
+
+def evaluate_data(cfg: DictConfig) -> tuple[dict[str, Any], Any]:
+    """(the results, the datamodule that read the split): a pipeline's eval stage records which
+    manifests it read."""
     with open_dict(cfg):
         cfg.data.mode = "eval"
     validate(cfg)
@@ -75,4 +81,4 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
             publish(output_dir, predictions, records, datamodule.root, loggers)
     finally:
         finish_loggers(loggers)
-    return results
+    return results, datamodule

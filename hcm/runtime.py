@@ -16,10 +16,17 @@ from omegaconf import DictConfig, open_dict
 log = logging.getLogger(__name__)
 
 
+def precision_for(requested: str) -> str:
+    """`trainer.precision` as it runs here: auto = bf16-mixed on CUDA, fp32 on CPU."""
+    if requested != "auto":
+        return requested
+    return "bf16-mixed" if torch.cuda.is_available() else "32-true"
+
+
 def resolve_precision(cfg: DictConfig) -> None:
     if cfg.trainer.get("precision") == "auto":
         with open_dict(cfg):
-            cfg.trainer.precision = "bf16-mixed" if torch.cuda.is_available() else "32-true"
+            cfg.trainer.precision = precision_for("auto")
 
 
 def make_loggers(cfg: DictConfig) -> list:

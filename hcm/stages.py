@@ -2,10 +2,14 @@
 
 A stage folder holds `checkpoints/last.ckpt` while it trains, then `model/` (a transformers
 `save_pretrained` folder: the next stage's `model.name_or_path`) and `stage.json` (what it was
-trained from: the init model, the data manifests' hashes, the config and its hash, the metrics).
-`stage.json` is written last and atomically, so its presence means the stage finished.
-A crash anywhere before it leaves the stage unfinished, and the rerun resumes from the checkpoint
-(`last_checkpoint`) and exports again.
+trained from: the init model, the content hashes of the files it read, the code's commit, the
+config and its hash, the metrics). `stage.json` is written last and atomically, so its presence
+means the stage finished. A crash anywhere before it leaves the stage unfinished, and the rerun
+resumes from the checkpoint (`last_checkpoint`) and exports again.
+
+A stage's identity is its resolved config (`identity`: `auto` settings as they resolve on this
+machine, and the identity of every stage it starts from, `upstream`) plus the content of what it
+read (`hcm.fingerprints`): a finished stage is reused only while both match.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from hcm import fingerprints
 from hcm.checkpoints import (
     CheckpointError,
     check_checkpoint,
@@ -31,8 +36,10 @@ from hcm.checkpoints import (
     previous_path,
     remove_temporaries,
 )
-from hcm.config import ConfigError
+from hcm.config import REPO_DIR, ConfigError
 from hcm.files import atomic_write_text
+from hcm.model.loading import resolve_attn_implementation, resolve_dtype
+from hcm.runtime import precision_for
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +68,7 @@ NOT_IDENTITY = (
     "module.log_completions_every_n_steps",
     "module.log_completions_prompts",
     "module.mining.cache_path",
+    "on_code_change",
 )
 # GRPO's data schedule: no SFT or evaluation stage reads it, so a Table 7 sweep's
 # `data.composition=...` (applied to every stage) leaves their identity alone.
@@ -74,6 +82,7 @@ def identity(cfg: DictConfig) -> dict[str, Any]:
         cfg.pop("hydra", None)  # (set under @hydra.main; its interpolations need a live run)
         cfg.paths.output_dir = "<stage folder>"  # keys derived from it are not identity
     tree = OmegaConf.to_container(cfg, resolve=True)
+    _resolve_auto(tree)
     dropped = NOT_IDENTITY + (GRPO_ONLY if cfg.get("job_type") != "grpo" else ())
     for key in dropped:
         *parents, leaf = key.split(".")
@@ -85,6 +94,30 @@ def identity(cfg: DictConfig) -> dict[str, Any]:
     return tree
 
 
+def _resolve_auto(tree: dict[str, Any]) -> None:
+    """`auto` settings as they resolve on this machine: a CPU stage (fp32, sdpa) and a GPU stage
+    (bf16-mixed, flash-attn) of the same config compute different numbers, and must not share a
+    folder when a store is shared. The model config appears under `model` and, interpolated,
+    under `module.model` and `data.model`: every copy resolves alike."""
+    trainer = tree.get("trainer") or {}
+    if "precision" in trainer:
+        trainer["precision"] = precision_for(str(trainer["precision"]))
+    for node in _dicts(tree):
+        if "dtype" in node and "name_or_path" in node:  # a model config
+            node["dtype"] = str(resolve_dtype(node["dtype"]))
+            if "attn_implementation" in node:
+                node["attn_implementation"] = resolve_attn_implementation(
+                    node["attn_implementation"]
+                )
+
+
+def _dicts(tree: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    yield tree
+    for v in tree.values():
+        if isinstance(v, dict):
+            yield from _dicts(v)
+
+
 def config_hash(cfg: DictConfig) -> str:
     blob = json.dumps(identity(cfg), sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
@@ -92,7 +125,7 @@ def config_hash(cfg: DictConfig) -> str:
 
 # What a stage that continues another (a pipeline's continue_from) may change: what its epochs
 # train on, where it starts, and that it goes past the switch.
-CONTINUATION_MAY_CHANGE = ("data.composition", "module.stop_at_switch", "init_ckpt")
+CONTINUATION_MAY_CHANGE = ("data.composition", "module.stop_at_switch", "init_ckpt", "upstream")
 
 
 def continuation_changes(first: DictConfig, then: DictConfig) -> list[str]:
@@ -100,7 +133,8 @@ def continuation_changes(first: DictConfig, then: DictConfig) -> list[str]:
     continues: its checkpoint holds an optimizer, a schedule and a data order made for `first`."""
     a, b = _flat(identity(first)), _flat(identity(then))
     changed = (k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
-    return sorted(k for k in changed if k not in CONTINUATION_MAY_CHANGE)
+    may = CONTINUATION_MAY_CHANGE
+    return sorted(k for k in changed if not any(k == m or k.startswith(f"{m}.") for m in may))
 
 
 def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -113,9 +147,10 @@ def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def finished(output_dir: Path, key: str) -> dict[str, Any] | None:
+def finished(cfg: DictConfig, key: str) -> dict[str, Any] | None:
     """The marker of a finished stage with this config, None if unfinished; error if another."""
-    marker = Path(output_dir) / MARKER
+    output_dir = Path(cfg.paths.output_dir)
+    marker = output_dir / MARKER
     if not marker.is_file():
         return None
     try:
@@ -123,23 +158,74 @@ def finished(output_dir: Path, key: str) -> dict[str, Any] | None:
     except json.JSONDecodeError as e:
         raise RuntimeError(f"{marker} is corrupt ({e}); delete it to rerun the stage") from None
     if done.get("config_hash") != key:
+        differ = _differences(done.get("config"), cfg)
         raise ConfigError(
             f"{output_dir} holds a finished stage trained with another config "
-            f"(hash {done.get('config_hash')} != {key}); choose another task_name "
+            f"(hash {done.get('config_hash')} != {key}{differ}); choose another task_name "
             f"or remove that folder"
         )
     return done
 
 
+def _differences(recorded: dict[str, Any] | None, cfg: DictConfig) -> str:
+    """', differing in <keys>' between a marker's config and `cfg` ('' when unknown)."""
+    if not recorded:
+        return ""
+    try:
+        was = _flat(identity(OmegaConf.create(recorded)))
+    except Exception:  # a marker from older code may not compose as a config: the hash says it
+        return ""
+    now = _flat(identity(cfg))
+    keys = sorted(k for k in was.keys() | now.keys() if was.get(k) != now.get(k))
+    return f", differing in {', '.join(keys[:8])}{' ...' if len(keys) > 8 else ''}" if keys else ""
+
+
 def previous_run(cfg: DictConfig) -> tuple[str, dict[str, Any] | None]:
-    """(the hash of cfg as it is now, the metrics of this config's finished run in its folder,
-    or None); take it before running resolves values in cfg (`write_marker`)."""
+    """(the hash of cfg, the metrics of this config's finished run in its folder, or None).
+
+    A finished stage is reused only while the files it read hold what they held (`inputs` in
+    its marker): one that changed is refused, naming the file. One that no longer exists (a
+    deleted data folder, regenerated on demand) cannot be checked and is named in a warning.
+    A stage made by another commit of the code is reused with a warning, or refused when
+    `on_code_change=refuse`."""
     key = config_hash(cfg)
-    done = finished(Path(cfg.paths.output_dir), key)
+    folder = Path(cfg.paths.output_dir)
+    done = finished(cfg, key)
     if done is None:
         return key, None
-    log.info("%s already holds this stage's results; skipping it", cfg.paths.output_dir)
+    differ, missing = fingerprints.changed(done.get("inputs", {}), hash_cache(cfg))
+    if differ:
+        raise ConfigError(
+            f"{folder} was trained from files that have changed since: {', '.join(differ)}. "
+            "Remove that folder (and the stages that start from it) to train it again"
+        )
+    if missing:
+        log.warning("%s: cannot check its inputs %s (gone)", folder, ", ".join(missing))
+    _check_code(done.get("code") or {}, folder, cfg.get("on_code_change", "warn"))
+    log.info("%s already holds this stage's results; skipping it", folder)
     return key, done.get("metrics", {})
+
+
+def _check_code(made_by: dict[str, Any], folder: Path, on_change: str) -> None:
+    now = fingerprints.code_version(REPO_DIR)
+    was, is_ = made_by.get("commit"), now["commit"]
+    if not was or not is_ or was == is_:
+        return
+    message = f"{folder} was made by hcm commit {was[:12]}, this is {is_[:12]}"
+    if on_change == "refuse":
+        raise ConfigError(f"{message} (on_code_change=refuse): remove that folder to retrain it")
+    log.warning("%s; reusing it (on_code_change=refuse stops instead)", message)
+
+
+def hash_cache(cfg: DictConfig) -> Path:
+    """Where input files' hashes are cached (by size and mtime): `paths.cache_dir`."""
+    return Path(cfg.paths.cache_dir) / "file-hashes.json"
+
+
+def stage_inputs(cfg: DictConfig, manifests: list[Path]) -> dict[str, str]:
+    """The content hashes `previous_run` checks: the manifests read and the initial model."""
+    built = cfg.model.get("tiny") is not None
+    return fingerprints.inputs(manifests, str(cfg.model.name_or_path), built, hash_cache(cfg))
 
 
 def last_checkpoint(cfg: DictConfig, output_dir: Path) -> str | None:
@@ -256,11 +342,11 @@ def export_model(model, tokenizer, image_processor, output_dir: Path) -> Path:
 
 
 def write_marker(output_dir: Path, cfg: DictConfig, key: str, **info: Any) -> dict[str, Any]:
-    """stage.json: `key` is the config's hash taken before the stage ran (running resolves some
-    values, e.g. trainer.precision=auto), so that a rerun's `finished` check matches it."""
+    """stage.json: the config's hash `key`, the code that ran, and `info` (e.g. `inputs`)."""
     done = {
         "config_hash": key,
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "code": fingerprints.code_version(REPO_DIR),
         "config": {
             k: OmegaConf.to_container(v, resolve=True) if OmegaConf.is_config(v) else v
             for k, v in cfg.items()

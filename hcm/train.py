@@ -22,7 +22,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from hcm import stages
 from hcm.config import ConfigError, validate
 from hcm.console import banner
-from hcm.evaluate import evaluate
+from hcm.evaluate import evaluate_data
 from hcm.model.loading import load_image_processor
 from hcm.runtime import finish_loggers, make_callbacks, make_loggers, resolve_precision
 from hcm.summary import write_summary
@@ -38,7 +38,7 @@ def run_stage(cfg: DictConfig) -> dict[str, Any]:
     """Fit one SFT or GRPO stage and export its model; skipped when already finished."""
     validate(cfg)
     output_dir = Path(cfg.paths.output_dir)
-    key, done = stages.previous_run(cfg)  # before anything resolves values in cfg
+    key, done = stages.previous_run(cfg)
     if done is not None:
         return done
     resolve_precision(cfg)
@@ -71,6 +71,7 @@ def run_stage(cfg: DictConfig) -> dict[str, Any]:
                 hard_cases=stages.hard_set_digest(datamodule.hard_indices),
                 model_dir=str(model_dir),
                 manifest_hashes=datamodule.manifest_hashes(),
+                inputs=stages.stage_inputs(cfg, datamodule.read_manifests()),
                 metrics=metrics,
             )
         return metrics
@@ -138,6 +139,11 @@ def compose_stages(cfg: DictConfig) -> list[tuple[str, str, DictConfig]]:
                 )
         with open_dict(stage_cfg):
             stage_cfg.pipeline = {}
+            # the identity of the stage it starts from: with the store off (fixed folders), a
+            # retrained SFT stage still makes every stage after it another stage
+            start = stage.get("continue_from") or stage.get("init_from")
+            if start:
+                stage_cfg.upstream = {start: stages.config_hash(by_name[start])}
             if store:
                 folder = Path(store) / f"{name}-{stages.config_hash(stage_cfg)}"
                 stage_cfg.paths.output_dir = str(folder)
@@ -172,12 +178,15 @@ def run_pipeline(cfg: DictConfig) -> dict[str, Any]:
 
 def run_eval_stage(cfg: DictConfig) -> dict[str, Any]:
     """A pipeline's evaluation, skipped when its folder holds this config's results."""
-    key, done = stages.previous_run(cfg)  # before evaluate resolves values in cfg
+    key, done = stages.previous_run(cfg)
     if done is not None:
         return done
-    metrics = evaluate(cfg)
+    metrics, datamodule = evaluate_data(cfg)
     if rank_zero_only.rank == 0:
-        stages.write_marker(Path(cfg.paths.output_dir), cfg, key, kind="eval", metrics=metrics)
+        inputs = stages.stage_inputs(cfg, datamodule.read_manifests())
+        stages.write_marker(
+            Path(cfg.paths.output_dir), cfg, key, kind="eval", inputs=inputs, metrics=metrics
+        )
     return metrics
 
 

@@ -155,6 +155,16 @@ def test_pipeline_chains_resumes_and_refuses_changed_config(compose_cfg):
     # ... and summarises them all the same (the eval stage ran again: same greedy answers)
     assert json.loads((Path(cfg.paths.output_dir) / "summary.json").read_text()) == summary
 
+    # a finished stage is reused only while the files it read are the same: relabel the
+    # training split in place (same path, same config) and the stages that read it refuse
+    manifest = Path(cfg.data.root) / "train.jsonl"
+    original = manifest.read_text()
+    relabelled = [json.loads(line) | {"answer": "N"} for line in original.splitlines()]
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in relabelled))
+    with pytest.raises(ConfigError, match=rf"changed since: {manifest.resolve()}"):
+        train(compose_cfg("train", overrides))
+    manifest.write_text(original)
+
     # without the stage store, the job's own folders refuse another config ...
     changed = compose_cfg("train", [*overrides, "seed=1", "paths.stage_store=null"])
     with pytest.raises(ConfigError, match="another config"):

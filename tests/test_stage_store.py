@@ -3,14 +3,19 @@ continuing stages, and the lock that keeps two jobs from training one stage twic
 
 from __future__ import annotations
 
+import json
+import logging
 import multiprocessing as mp
 import time
 from pathlib import Path
 
 import pytest
+from omegaconf import open_dict
 
-from hcm import stages
+from hcm import fingerprints, stages
 from hcm.config import ConfigError
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def grpo(compose_cfg, *overrides: str):
@@ -119,3 +124,64 @@ def test_link_points_a_job_at_the_shared_folder(tmp_path):
     real.mkdir()
     with pytest.raises(ConfigError, match="not a link"):
         stages.link(real, tmp_path / "store" / "sft-1")
+
+
+def test_auto_settings_count_as_they_resolve_here(compose_cfg):
+    """A CPU stage and a GPU stage of one config compute different numbers: `auto` precision,
+    dtype and attention enter a stage's identity resolved, not as the word 'auto'."""
+    base = stages.config_hash(grpo(compose_cfg))  # auto everywhere; on this CPU: fp32, sdpa
+    cpu = ["trainer.precision=32-true", "model.dtype=fp32", "model.attn_implementation=sdpa"]
+    assert stages.config_hash(grpo(compose_cfg, *cpu)) == base
+    assert stages.config_hash(grpo(compose_cfg, "trainer.precision=bf16-mixed")) != base
+    assert stages.config_hash(grpo(compose_cfg, "model.dtype=bf16")) != base
+
+
+def test_a_stage_after_a_changed_one_is_another_stage_even_without_the_store(compose_cfg):
+    """With paths.stage_store=null the folders are fixed (`<job>/stages/<name>`), and a stage's
+    config names its start by that fixed path: the hash of what it starts from must count."""
+    from hcm.train import compose_stages
+
+    def hashes(*overrides: str) -> dict[str, str]:
+        cfg = compose_cfg("train", ["experiment=tiny_hcm", "paths.stage_store=null", *overrides])
+        return {name: stages.config_hash(c) for name, _, c in compose_stages(cfg)}
+
+    base = hashes()
+    changed = hashes("pipeline.sft_1_2.overrides=['data.sft_sources=[answer_cot]','seed=5']")
+    assert changed["sft_1_1"] == base["sft_1_1"]
+    for name in ("sft_1_2", "grpo", "eval"):  # the changed stage and every stage after it
+        assert changed[name] != base[name], name
+
+
+def finished_stage(compose_cfg, tmp_path, **marker) -> tuple:
+    cfg = compose_cfg("train", ["experiment=tiny_sft", f"paths.output_dir={tmp_path / 'sft'}"])
+    key = stages.config_hash(cfg)
+    (tmp_path / "sft").mkdir()
+    stages.write_marker(tmp_path / "sft", cfg, key, metrics={"val/x": 1.0}, **marker)
+    return cfg, key
+
+
+def test_a_finished_stage_is_refused_when_a_file_it_read_changed(compose_cfg, tmp_path):
+    data = tmp_path / "train.jsonl"
+    data.write_text('{"id": "a", "answer": "AC"}\n')
+    inputs = fingerprints.inputs([data], "unused", built=True, cache=tmp_path / "h.json")
+    cfg, _ = finished_stage(compose_cfg, tmp_path, inputs=inputs)
+    assert stages.previous_run(cfg)[1] == {"val/x": 1.0}  # unchanged: reused
+    data.write_text('{"id": "a", "answer": "N"}\n')
+    with pytest.raises(ConfigError, match=f"changed since: {data.resolve()}"):
+        stages.previous_run(cfg)
+
+
+def test_a_stage_made_by_other_code_warns_or_is_refused(compose_cfg, tmp_path, caplog):
+    cfg, _ = finished_stage(compose_cfg, tmp_path)
+    marker = json.loads((tmp_path / "sft" / stages.MARKER).read_text())
+    now = fingerprints.code_version(REPO)
+    assert marker["code"] == now and now["commit"]  # (the tests run in a git checkout)
+    marker["code"]["commit"] = "0" * 40
+    (tmp_path / "sft" / stages.MARKER).write_text(json.dumps(marker))
+    with caplog.at_level(logging.WARNING, logger="hcm.stages"):
+        assert stages.previous_run(cfg)[1] == {"val/x": 1.0}
+    assert "made by hcm commit 000000000000" in caplog.text
+    with open_dict(cfg):
+        cfg.on_code_change = "refuse"
+    with pytest.raises(ConfigError, match="on_code_change=refuse"):
+        stages.previous_run(cfg)

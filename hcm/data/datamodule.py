@@ -148,6 +148,10 @@ class ScreeningDataModule(L.LightningDataModule):
         """sha256 of each manifest this stage reads: recorded with the stage's outputs."""
         return {split: manifest_hash(self.manifest(split)) for split in self.records}
 
+    def read_manifests(self) -> list[Path]:
+        """The manifest of every split this run has read (what a stage's identity hashes)."""
+        return [self.manifest(split) for split in self.records]
+
     # -- model-side processing -----------------------------------------------------------------
     def _builder(self) -> Any:
         path = loading.resolve_name_or_path(
