@@ -157,7 +157,8 @@ def test_pipeline_chains_resumes_and_refuses_changed_config(compose_cfg):
 
     # a finished stage is reused only while the files it read are the same: relabel the
     # training split in place (same path, same config) and the stages that read it refuse
-    manifest = Path(cfg.data.root) / "train.jsonl"
+    sft = json.loads((stages / "sft_1_2" / "stage.json").read_text())
+    manifest = Path(sft["config"]["data"]["root"]) / "train.jsonl"
     original = manifest.read_text()
     relabelled = [json.loads(line) | {"answer": "N"} for line in original.splitlines()]
     manifest.write_text("".join(json.dumps(r) + "\n" for r in relabelled))
