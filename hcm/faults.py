@@ -10,6 +10,9 @@ Unset (every ordinary run) it costs one environment lookup. The points:
     grpo_step   inside a GRPO step, after the rollout and before the update (its first line)
     answer      a batch answered by generation (mining's batches come first in a GRPO stage)
     ckpt_write  a checkpoint written to its temporary file but not yet renamed into place
+    switch      a shared first stage (stop_at_switch) after its switch-epoch checkpoint
+    export      a stage's model written to its temporary folder, not yet renamed into place
+    marker      a stage exported, its stage.json not yet written
 
 tests/test_resume.py kills runs at each point and checks that rerunning the command resumes.
 """

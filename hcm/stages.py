@@ -37,6 +37,7 @@ from hcm.checkpoints import (
     remove_temporaries,
 )
 from hcm.config import REPO_DIR, ConfigError
+from hcm.faults import fault_point
 from hcm.files import atomic_write_text
 from hcm.model.loading import resolve_attn_implementation, resolve_dtype
 from hcm.runtime import precision_for
@@ -335,6 +336,7 @@ def export_model(model, tokenizer, image_processor, output_dir: Path) -> Path:
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     image_processor.save_pretrained(tmp)
+    fault_point("export")
     if target.exists():
         shutil.rmtree(target)
     tmp.rename(target)
@@ -343,6 +345,7 @@ def export_model(model, tokenizer, image_processor, output_dir: Path) -> Path:
 
 def write_marker(output_dir: Path, cfg: DictConfig, key: str, **info: Any) -> dict[str, Any]:
     """stage.json: the config's hash `key`, the code that ran, and `info` (e.g. `inputs`)."""
+    fault_point("marker")
     done = {
         "config_hash": key,
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),

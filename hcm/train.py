@@ -24,14 +24,11 @@ from hcm.config import ConfigError, validate
 from hcm.console import banner
 from hcm.evaluate import evaluate_data
 from hcm.model.loading import load_image_processor
+from hcm.modules.base import logged_metrics
 from hcm.runtime import finish_loggers, make_callbacks, make_loggers, resolve_precision
 from hcm.summary import write_summary
 
 log = logging.getLogger(__name__)
-
-
-def metrics_of(trainer: L.Trainer) -> dict[str, float]:
-    return {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
 
 
 def run_stage(cfg: DictConfig) -> dict[str, Any]:
@@ -53,7 +50,8 @@ def run_stage(cfg: DictConfig) -> dict[str, Any]:
     try:
         trainer = instantiate(cfg.trainer, callbacks=make_callbacks(cfg), logger=loggers or False)
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
-        metrics = metrics_of(trainer)
+        # (a resume from the final checkpoint logs nothing: the checkpoint's metrics stand)
+        metrics = module.restored_metrics | logged_metrics(trainer)
         if trainer.is_global_zero:
             model_dir = stages.export_model(
                 module.model,

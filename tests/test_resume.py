@@ -57,14 +57,33 @@ FAULTS = [
 ]
 
 
-def train_cli(run: Path, site: Path, fault: str | None = None) -> subprocess.CompletedProcess:
+# Table 7's split: a shared first stage that stops at the switch (grpo), and an arm that
+# continues from its checkpoint (arm); tiny_grpo switches after epoch 0 of 2.
+SPLIT = [
+    "experiment=tiny_hcm",
+    "pipeline.sft_1_1=null",
+    "pipeline.sft_1_2.init_from=null",
+    "pipeline.eval=null",
+    "pipeline.grpo.overrides=['+module.rewards.letter_e=1.0']",
+    "+pipeline.grpo.fixed=['data.composition=all','module.stop_at_switch=true']",
+    "+pipeline.arm={experiment:tiny_grpo,continue_from:grpo,"
+    "overrides:['+module.rewards.letter_e=1.0','data.composition=all_plus_hard']}",
+    "trainer.limit_train_batches=2",
+    "trainer.limit_val_batches=1",
+    "callbacks.progress_bar=null",
+]
+
+
+def train_cli(
+    run: Path, site: Path, fault: str | None = None, pipeline: list[str] = PIPELINE
+) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(site), "PYTHONUNBUFFERED": "1"}
     env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     env.pop("HCM_FAULT", None)
     env["HCM_STAGE_STORE"] = str(run.with_name(run.name + "-stages"))  # ref's and run's apart
     if fault:
         env["HCM_FAULT"] = fault
-    args = [sys.executable, str(REPO / "train.py"), *PIPELINE, f"hydra.run.dir={run}"]
+    args = [sys.executable, str(REPO / "train.py"), *pipeline, f"hydra.run.dir={run}"]
     return subprocess.run(
         args, cwd=run.parent, env=env, capture_output=True, text=True, timeout=600
     )
@@ -128,6 +147,36 @@ def test_killed_pipeline_resumes_to_the_uninterrupted_result(tmp_path):
     assert lrs == pytest.approx([1e-4 * warmup_cosine(s, STEPS, 0, 0.0) for s in range(STEPS)])
     kls = [float(v) for (_, k), v in logged(ref / "stages" / "grpo").items() if k == "train/kl"]
     assert max(kls) > 0  # the policy moved: weights and optimizer state matter to the check
+
+
+@pytest.mark.slow
+def test_a_split_stage_killed_after_its_switch_ends_as_an_uninterrupted_one(tmp_path):
+    """Killed after the switch-epoch checkpoint, while exporting, and before stage.json: each
+    rerun resumes the shared first stage at the switch, trains nothing more, and writes the
+    metrics the uninterrupted run wrote; the arm that continues from it ends identical."""
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(SITE)
+    ref, run = tmp_path / "ref", tmp_path / "run"
+    r = train_cli(ref, site, pipeline=SPLIT)
+    assert r.returncode == 0, r.stderr[-3000:]
+    for fault in ("switch:1", "export:1", "marker:1"):
+        r = train_cli(run, site, fault, pipeline=SPLIT)
+        assert r.returncode == -signal.SIGKILL, f"{fault} did not fire: {r.stderr[-2000:]}"
+    r = train_cli(run, site, pipeline=SPLIT)
+    assert r.returncode == 0, r.stderr[-3000:]
+
+    metrics = [
+        json.loads((d / "stages/grpo/stage.json").read_text())["metrics"] for d in (ref, run)
+    ]
+    untimed = [{k: v for k, v in m.items() if not k.startswith("train/time/")} for m in metrics]
+    assert "val/score/overall" in untimed[0] and untimed[1] == untimed[0]
+    for stage in ("grpo", "arm"):
+        want, got = logged(ref / "stages" / stage), logged(run / "stages" / stage)
+        assert {s for s, _ in got} == {s for s, _ in want}, stage  # no epoch trained twice
+        assert {k: want.get(k) for k in got} == got, stage
+    a, b = (d / "stages/arm/model/model.safetensors" for d in (ref, run))
+    assert a.read_bytes() == b.read_bytes()
 
 
 # -- what a resume checks ---------------------------------------------------------------------

@@ -54,6 +54,11 @@ def scheduled_steps(
     return total
 
 
+def logged_metrics(trainer: L.Trainer) -> dict[str, float]:
+    """The scalar metrics the trainer holds: what a stage reports (stage.json's `metrics`)."""
+    return {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
+
+
 class ScreeningModule(L.LightningModule):
     def __init__(
         self,
@@ -78,6 +83,7 @@ class ScreeningModule(L.LightningModule):
         self.model: Any = None
         self.tokenizer: Any = None
         self._resumed_rng: dict | None = None  # a checkpoint's RNG state, until training resumes
+        self.restored_metrics: dict[str, float] = {}  # what the checkpoint's run had logged
 
     # -- model ---------------------------------------------------------------------------
     @property
@@ -146,8 +152,12 @@ class ScreeningModule(L.LightningModule):
             checkpoint["rng_states"] = states
         else:
             checkpoint["rng_states"] = [state]
+        # What has been logged (the last validation, the last step's loss): a stage resumed from
+        # its final checkpoint trains nothing, and reports these as the uninterrupted run did.
+        checkpoint["metrics"] = logged_metrics(self.trainer)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.restored_metrics = checkpoint.get("metrics", {})
         states = checkpoint.get("rng_states")
         if not states:
             log.warning("the checkpoint holds no RNG state: sampling will not repeat the first run")

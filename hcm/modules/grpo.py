@@ -181,11 +181,18 @@ class GRPOModule(ScreeningModule):
 
         return answer
 
+    def on_train_start(self) -> None:
+        # A shared first stage that died after its switch-epoch checkpoint (while exporting, say)
+        # resumes at the switch: its epochs are done, and it must not train one more.
+        if self.stop_at_switch and self.current_epoch >= self.trainer.datamodule.switch_epoch:
+            self.trainer.should_stop = True
+
     def on_train_epoch_end(self) -> None:
         # Table 7's shared first stage ends at the switch; its last.ckpt (written at this epoch's
         # end, before this hook) is where each composition arm continues.
         if self.stop_at_switch and self.current_epoch + 1 >= self.trainer.datamodule.switch_epoch:
             self.trainer.should_stop = True
+            fault_point("switch")
 
     # -- the GRPO step ---------------------------------------------------------------------------
     def training_step(self, batch: dict, batch_idx: int) -> None:
