@@ -15,6 +15,7 @@ from typing import Any
 import lightning as L
 from hydra import compose
 from hydra.core.hydra_config import HydraConfig
+from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.utils import instantiate
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf, open_dict
@@ -29,6 +30,7 @@ from hcm.runtime import finish_loggers, make_callbacks, make_loggers, resolve_pr
 from hcm.summary import write_summary
 
 log = logging.getLogger(__name__)
+_NO = object()  # OmegaConf.select's answer for a key the config does not have
 
 
 def run_stage(cfg: DictConfig) -> dict[str, Any]:
@@ -96,6 +98,8 @@ def compose_stages(cfg: DictConfig) -> list[tuple[str, str, DictConfig]]:
         "ckpt_path=",
     )
     user_overrides = [o for o in HydraConfig.get().overrides.task if not o.startswith(own)]
+    groups = set(HydraConfig.get().runtime.choices)
+    routed_somewhere: set[str] = set()
     root = Path(cfg.paths.output_dir) / "stages"
     store = cfg.paths.get("stage_store")
     composed: list[tuple[str, str, DictConfig]] = []
@@ -124,10 +128,13 @@ def compose_stages(cfg: DictConfig) -> list[tuple[str, str, DictConfig]]:
             # an exported model: load it as is (never build the tiny model there)
             model = folders[stage.init_from] / "model"
             inits[name] = [f"model.name_or_path={model}", "model.tiny=null"]
-        overrides += [*inits[name], *stage.get("overrides", []), *user_overrides]
-        overrides += stage.get("fixed", [])  # the stage's own, over the command line's
+        overrides += [*inits[name], *stage.get("overrides", [])]
+        fixed = list(stage.get("fixed", []))  # the stage's own, over the command line's
         kind = stage.get("kind", "train")
-        stage_cfg = compose(config_name="eval" if kind == "eval" else "train", overrides=overrides)
+        config_name = "eval" if kind == "eval" else "train"
+        user = routed(config_name, overrides, user_overrides, fixed, groups)
+        routed_somewhere.update(user)
+        stage_cfg = compose(config_name=config_name, overrides=[*overrides, *user, *fixed])
         if stage.get("continue_from"):
             changed = stages.continuation_changes(by_name[stage.continue_from], stage_cfg)
             if changed:
@@ -148,7 +155,40 @@ def compose_stages(cfg: DictConfig) -> list[tuple[str, str, DictConfig]]:
         log.debug("pipeline stage %s (%s): %s", name, kind, " ".join(overrides))
         composed.append((name, kind, stage_cfg))
         by_name[name] = stage_cfg
+    unrouted = [o for o in user_overrides if o not in routed_somewhere]
+    added = [o for o in unrouted if o.startswith("+")]  # a new key no stage has: a typo
+    if added:
+        raise ConfigError(
+            f"{', '.join(added)}: no stage of this pipeline ({', '.join(by_name)}) has a place "
+            "for that key; check its spelling in conf/ (python train.py --help)"
+        )
+    if unrouted:  # a real knob (the job's config has it) that this pipeline's stages lack
+        log.warning("%s: no stage of this pipeline (%s) has that key", unrouted, list(by_name))
     return composed
+
+
+def routed(
+    config_name: str, stage: list[str], user: list[str], fixed: list[str], groups: set[str]
+) -> list[str]:
+    """The command line's overrides that a stage has a place for: a group choice (model=tiny)
+    always; a value where the stage's config has its key (for +key and ++key, its parent). So
+    `module.beta=0.1` reaches a pipeline's GRPO stages and leaves SFT and evaluation alone,
+    which have no such key."""
+    parsed = OverridesParser.create().parse_overrides(user)
+    choices = [o.input_line for o in parsed if o.key_or_group in groups]
+    base = compose(config_name=config_name, overrides=[*stage, *choices, *fixed])
+    keep = []
+    for o in parsed:
+        key = o.key_or_group
+        if o.key_or_group not in groups and (o.is_add() or o.is_force_add()):
+            key = key.rpartition(".")[0]  # +a.b=1 needs `a`; +seed2=1 needs nothing
+        if (
+            o.key_or_group in groups
+            or not key
+            or OmegaConf.select(base, key, default=_NO) is not _NO
+        ):
+            keep.append(o.input_line)
+    return keep
 
 
 def run_pipeline(cfg: DictConfig) -> dict[str, Any]:

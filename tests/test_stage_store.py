@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
-from omegaconf import open_dict
+from omegaconf import OmegaConf, open_dict
 
 from hcm import fingerprints, stages
 from hcm.config import ConfigError
@@ -185,3 +185,31 @@ def test_a_stage_made_by_other_code_warns_or_is_refused(compose_cfg, tmp_path, c
         cfg.on_code_change = "refuse"
     with pytest.raises(ConfigError, match="on_code_change=refuse"):
         stages.previous_run(cfg)
+
+
+@pytest.mark.parametrize(
+    ("override", "reaches"),
+    [
+        ("module.beta=0.1", {"grpo_all", "grpo"}),  # GRPO's knob: SFT and eval have no beta
+        ("module.mining.correct=exact", {"grpo_all", "grpo"}),  # README's example
+        ("+module.rewards.letter_e=1.0", {"grpo_all", "grpo"}),  # +key: where its parent is
+        ("seed=3", {"sft", "sft_eval", "grpo_all", "grpo", "grpo_eval"}),
+        ("module.optimizer.lr=0.5", {"sft", "grpo_all", "grpo"}),  # every trained stage
+    ],
+)
+def test_a_pipeline_override_reaches_the_stages_that_have_its_key(compose_cfg, override, reaches):
+    from hcm.train import compose_stages
+
+    cfg = compose_cfg("train", ["experiment=cpu_hcm", override])
+    key, value = override.lstrip("+").split("=")
+    got = {name for name, _, c in compose_stages(cfg) if str(OmegaConf.select(c, key)) == value}
+    assert got == reaches
+
+
+def test_a_pipeline_override_no_stage_has_is_refused_naming_it(compose_cfg):
+    from hcm.train import compose_stages
+
+    # an SFT-only pipeline: its stages have no GRPO fast-path settings
+    cfg = compose_cfg("train", ["experiment=paper_cot_sft_1b", "++module.fast.cache=static"])
+    with pytest.raises(ConfigError, match=r"module\.fast\.cache=static: no stage of this"):
+        compose_stages(cfg)
