@@ -158,6 +158,7 @@ CANDIDATES = [
 ]
 
 
+JUDGEMENT_KEYS = ("exact_match", "judgement/balanced", "faithful", "answer_size/1")
 # experiment -> per seed: exact match, balanced, faithful (NaN: no CoT stated all four verdicts),
 # names 1 option, and whether each of the 4 test samples was right
 JUDGED = {
@@ -192,7 +193,7 @@ def science_run(tmp_path: Path, digest_ok: bool = True) -> Path:
                 "appearance_deformation": 0.0,  # what the metric writes for no sample
                 "count/appearance_deformation": 0,
                 "random_baseline": 34.5,
-                **dict(zip(hcm.science.JUDGEMENT, judged[:4], strict=True)),
+                **dict(zip(JUDGEMENT_KEYS, judged[:4], strict=True)),
             }
             job = make_job(root, num, {"experiment": exp}, [f"experiment={exp}", f"seed={seed}"])
             num += 1
