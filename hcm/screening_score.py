@@ -13,13 +13,13 @@ reading per candidate does not: `judgement/balanced` (with its two shares,
 `judgement/left_out_unacceptable` and `judgement/kept_acceptable`), `answer_size/<N|1-4|invalid>`
 (% of answers), `verdicts_stated` (% of completions whose CoT gives all four verdicts) and
 `faithful` (% of those whose answer is what their CoT concluded). A share with nothing to count
-(no acceptable candidate, no CoT with all four verdicts) is NaN.
+(no acceptable candidate, no CoT with all four verdicts) is left out, as metrics.json must stay
+plain JSON (no NaN).
 All states are sums, so the metric is correct under DDP.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -132,13 +132,15 @@ class ScreeningScore(Metric):
         out["valid_rate"] = pct(self.valid)[0]
         out["count"] = self.count[0].float()
         for key, share in balanced_shares(self.judgement.tolist()).items():
-            out[f"judgement/{key}"] = torch.tensor(math.nan if share is None else share)
+            if share is not None:
+                out[f"judgement/{key}"] = torch.tensor(share)
         answers = self.count[0].clamp(min=1)
         for j, size in enumerate(SIZES):
             out[f"answer_size/{size}"] = (100.0 * self.sizes[j] / answers).float()
         stated, agreed = self.cot.tolist()
         out["verdicts_stated"] = (100.0 * self.cot[0] / answers).float()
-        out["faithful"] = torch.tensor(100.0 * agreed / stated if stated else math.nan)
+        if stated:
+            out["faithful"] = torch.tensor(100.0 * agreed / stated)
         return out
 
     @staticmethod
@@ -167,9 +169,9 @@ class ScreeningScore(Metric):
 
 
 def _number(value: float | None) -> str:
-    return "n/a" if value is None or math.isnan(value) else f"{value:.2f}"
+    return "n/a" if value is None else f"{value:.2f}"
 
 
 def footnote(results: dict[str, float], prefix: str, keys: Sequence[str]) -> str:
     """A table's last line: each of `keys` that `results` has, as "key value", comma-separated."""
-    return ", ".join(f"{k} {_number(results[prefix + k])}" for k in keys if prefix + k in results)
+    return ", ".join(f"{k} {results[prefix + k]:.2f}" for k in keys if prefix + k in results)

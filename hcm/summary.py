@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -101,11 +100,6 @@ def correct(s: StageScore) -> float:
     return round(s.metrics["overall"] * s.metrics["count"] / 100)
 
 
-def _known(value: float | None) -> float | None:
-    """A score, or None where there was nothing to count (the metric's NaN)."""
-    return None if value is None or math.isnan(value) else value
-
-
 def correctness(s: StageScore) -> dict[str, bool] | None:
     """Per sample id, whether the stage's answer was right; None without predictions.jsonl."""
     path = s.folder / PREDICTIONS
@@ -153,8 +147,9 @@ def summarize(scores: list[StageScore]) -> dict[str, Any]:
                 row[d] = None
         row["count"] = int(n)
         row["overall_ci"] = [100 * lo, 100 * hi]
-        row["judgement"] = {k: _known(s.metrics.get(f"judgement/{k}")) for k in JUDGEMENT}
-        row.update({k: _known(s.metrics.get(k)) for k in FAITHFULNESS})
+        # None where there was nothing to count (the metric leaves such a share out)
+        row["judgement"] = {k: s.metrics.get(f"judgement/{k}") for k in JUDGEMENT}
+        row.update({k: s.metrics.get(k) for k in FAITHFULNESS})
         row["answer_size"] = {k: s.metrics.get(f"answer_size/{k}") for k in SIZES}
         prev = previous(scores, i)
         if prev is not None:

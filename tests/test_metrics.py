@@ -1,7 +1,5 @@
 """ScreeningScore against hand-computed values, including the paper's random baseline."""
 
-import math
-
 import pytest
 import torch
 
@@ -49,7 +47,7 @@ def test_scores_per_dimension_hand_computed():
     sizes = {k: out[f"answer_size/{k}"].item() for k in ("N", "1", "2", "3", "4", "invalid")}
     assert sizes == pytest.approx({"N": 20, "1": 40, "2": 20, "3": 0, "4": 0, "invalid": 20})
     # no completion states its four verdicts: nothing to be faithful to
-    assert out["verdicts_stated"].item() == 0.0 and math.isnan(out["faithful"].item())
+    assert out["verdicts_stated"].item() == 0.0 and "faithful" not in out
 
 
 def compact(verdicts: str, answer: str) -> str:
@@ -85,8 +83,7 @@ def test_table_says_n_a_for_a_dimension_without_samples():
     assert lines[3] == "| m | CoT | 100.00 | n/a | 100.00 | n/a | n/a |"
     # A kept (1 of 2 acceptable), B and D left out (2 of 2 unacceptable): (100 + 50) / 2
     assert lines[5] == (
-        "exact_match 0.00, judgement/balanced 75.00, faithful n/a, mean_dpa 50.00, "
-        "valid_rate 100.00, count 1.00"
+        "exact_match 0.00, judgement/balanced 75.00, mean_dpa 50.00, valid_rate 100.00, count 1.00"
     )
 
 
@@ -119,7 +116,7 @@ def test_states_sum_like_ddp():
     )
     a.merge_state(b)  # what the cross-rank sync does with the states
     for key, value in both.compute().items():
-        assert torch.allclose(a.compute()[key], value, equal_nan=True), key
+        assert torch.allclose(a.compute()[key], value), key
 
 
 def test_rejects_bad_inputs():

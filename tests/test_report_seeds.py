@@ -7,7 +7,6 @@ from __future__ import annotations
 import csv
 import doctest
 import json
-import math
 from pathlib import Path
 
 import pytest
@@ -159,10 +158,10 @@ CANDIDATES = [
 
 
 JUDGEMENT_KEYS = ("exact_match", "judgement/balanced", "faithful", "answer_size/1")
-# experiment -> per seed: exact match, balanced, faithful (NaN: no CoT stated all four verdicts),
+# experiment -> per seed: exact match, balanced, faithful (None: no CoT stated all four verdicts),
 # names 1 option, and whether each of the 4 test samples was right
 JUDGED = {
-    "cpu_sft": [(20.0, 50.0, math.nan, 10.0, [1, 0, 0, 0]), (30.0, 60.0, 80.0, 20.0, [1, 1, 0, 0])],
+    "cpu_sft": [(20.0, 50.0, None, 10.0, [1, 0, 0, 0]), (30.0, 60.0, 80.0, 20.0, [1, 1, 0, 0])],
     "cpu_hcm": [(40.0, 70.0, 90.0, 50.0, [1, 1, 1, 0]), (50.0, 80.0, 100.0, 70.0, [1, 1, 0, 1])],
 }
 
@@ -193,7 +192,7 @@ def science_run(tmp_path: Path, digest_ok: bool = True) -> Path:
                 "appearance_deformation": 0.0,  # what the metric writes for no sample
                 "count/appearance_deformation": 0,
                 "random_baseline": 34.5,
-                **dict(zip(JUDGEMENT_KEYS, judged[:4], strict=True)),
+                **{k: v for k, v in zip(JUDGEMENT_KEYS, judged[:4], strict=True) if v is not None},
             }
             job = make_job(root, num, {"experiment": exp}, [f"experiment={exp}", f"seed={seed}"])
             num += 1
@@ -243,7 +242,7 @@ def test_science_sections_per_dimension_family_and_zero_variance(tmp_path):
         "Per-dimension held-out scores, mean over seeds (n/a: no held-out sample has it).",
         "**Judgement**",
         "| Row | Exact match | Balanced | Faithful | Names 1 option |\n|---|---|---|---|---|\n"
-        "| SFT | 25.0 | 55.0 | 80.0 | 15.0 |\n"  # faithful: seed 0's NaN left out
+        "| SFT | 25.0 | 55.0 | 80.0 | 15.0 |\n"  # faithful: seed 0 has none
         "| SFT +HCM-GRPO | 45.0 | 75.0 | 95.0 | 60.0 |",
         text.split("\n\n")[8],  # the definitions
         "**Paired differences**",

@@ -4,7 +4,6 @@ stage each one is compared with, the table, and the curves (skipped where a log 
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import pytest
@@ -199,7 +198,8 @@ def test_two_evaluations_of_the_same_samples_are_paired(tmp_path):
     ids = [f"t{i:03d}" for i in range(100)]
     sft = {i: k < 50 for k, i in enumerate(ids)}
     grpo = {i: 5 <= k < 65 for k, i in enumerate(ids)}
-    metrics = scores("test/score/", 50.0) | {"test/score/faithful": math.nan}
+    metrics = scores("test/score/", 50.0)
+    del metrics["test/score/faithful"]  # no CoT stated all four verdicts: the metric has none
     eval_stage(run, "sft_eval", run / "sft", metrics, sft)
     eval_stage(run, "grpo_eval", run / "grpo", scores("test/score/", 60.0), grpo)
     # a third model whose predictions hold other ids: the unpaired interval, labelled so
@@ -207,7 +207,7 @@ def test_two_evaluations_of_the_same_samples_are_paired(tmp_path):
     eval_stage(run, "other_eval", run / "other", scores("test/score/", 60.0), other)
     summary = write_summary(run, ["sft_eval", "grpo_eval", "other_eval"])
     stages = summary["stages"]
-    assert stages["sft_eval"]["faithful"] is None  # NaN: no CoT stated all four verdicts
+    assert stages["sft_eval"]["faithful"] is None
     delta = stages["grpo_eval"]["delta_vs_previous"]
     # Bonett-Price on b = 5, c = 15 of 100 (tests/test_stats.py): [+0.99, +18.61]
     assert (delta["stage"], delta["interval"], delta["discordance"]) == ("sft_eval", "paired", 20.0)
