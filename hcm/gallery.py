@@ -4,9 +4,12 @@
 RUN_DIR (evaluation and mining also call it when they write one). The page opens from the file
 system: no server, no network, CSS and script inline. Per sample it shows the original and the
 candidates A-D as small lettered thumbnails, the label and dimensions, the completion with its
-parsed answer, correct / DPA and, for mining, whether the case is hard; at the top, summary
-counts and filters (wrong only, a dimension, hard only). A URL hash sets the filters
-(`gallery.html#wrong=1&dim=physical_shadow&hard=1&page=2`), so a filtered view can be linked.
+parsed answer, correct / DPA, whether the answer follows its CoT's verdicts (`faithful`,
+hcm.judgement) and, for mining, whether the case is hard; at the top, summary counts and
+filters (wrong only, a dimension, hard only, unfaithful only: answers that differ from what
+their own CoT concluded). A URL hash sets the filters
+(`gallery.html#wrong=1&dim=physical_shadow&hard=1&unfaithful=1&page=2`), so a filtered view
+can be linked.
 Thousands of samples stay usable: 50 rows a page, thumbnails loaded lazily.
 
 Thumbnails (JPEG, at most THUMB_PX a side) are written once into `thumbs/` beside the page,
@@ -129,6 +132,9 @@ def summary(rows: Sequence[dict]) -> dict[str, Any]:
     }
     if any("hard" in r for r in rows):
         out["hard"] = sum(bool(r.get("hard")) for r in rows)
+    stated = [r["faithful"] for r in rows if isinstance(r.get("faithful"), bool)]
+    if stated:  # completions whose CoT gave all four verdicts, and those the answer ignored
+        out["stated"], out["unfaithful"] = len(stated), stated.count(False)
     dpa = [float(r["dpa"]) for r in rows if isinstance(r.get("dpa"), int | float)]
     if dpa:
         out["mean_dpa"] = sum(dpa) / len(dpa)
@@ -160,6 +166,9 @@ def _row(i: int, row: dict, cells: Sequence[str | None]) -> str:
     facts.append(f"parsed <code>{_e(parsed)}</code>" if parsed is not None else "invalid answer")
     if "dpa" in row:
         facts.append(f"DPA {float(row['dpa']):.2f}")
+    faithful = row.get("faithful")
+    if isinstance(faithful, bool):
+        facts.append("follows its CoT" if faithful else '<b class="bad">unfaithful</b>')
     if hard is not None:
         facts.append('<b class="hard">hard</b>' if hard else "easy")
     if "pass_rate" in row:
@@ -167,7 +176,7 @@ def _row(i: int, row: dict, cells: Sequence[str | None]) -> str:
     dims = " ".join(f'<span class="dim">{_e(g)}</span>' for g in groups(row))
     attrs = (
         f'data-correct="{int(correct)}" data-hard="{int(bool(hard))}" '
-        f'data-dims="{_e(" ".join(groups(row)))}"'
+        f'data-unfaithful="{int(faithful is False)}" data-dims="{_e(" ".join(groups(row)))}"'
     )
     return (
         f'<article class="row" {attrs}>'
@@ -199,12 +208,14 @@ SCRIPT = """
 (function () {
   var rows = Array.prototype.slice.call(document.querySelectorAll("article.row"));
   var wrong = document.getElementById("wrong"), hard = document.getElementById("hard");
+  var unfaithful = document.getElementById("unfaithful");
   var dim = document.getElementById("dim"), shown = document.getElementById("shown");
   var size = parseInt(document.querySelector("main").dataset.pageSize, 10), page = 1;
   function read() {
     var q = new URLSearchParams(location.hash.slice(1));
     wrong.checked = q.get("wrong") === "1";
     if (hard) hard.checked = q.get("hard") === "1";
+    if (unfaithful) unfaithful.checked = q.get("unfaithful") === "1";
     dim.value = q.get("dim") || "";  // an unknown dimension selects none
     page = Math.max(1, parseInt(q.get("page") || "1", 10) || 1);
     apply();
@@ -213,6 +224,7 @@ SCRIPT = """
     var q = new URLSearchParams();
     if (wrong.checked) q.set("wrong", "1");
     if (hard && hard.checked) q.set("hard", "1");
+    if (unfaithful && unfaithful.checked) q.set("unfaithful", "1");
     if (dim.value) q.set("dim", dim.value);
     if (page > 1) q.set("page", String(page));
     history.replaceState(null, "", "#" + q.toString());
@@ -221,6 +233,7 @@ SCRIPT = """
   function keep(r) {
     if (wrong.checked && r.dataset.correct === "1") return false;
     if (hard && hard.checked && r.dataset.hard !== "1") return false;
+    if (unfaithful && unfaithful.checked && r.dataset.unfaithful !== "1") return false;
     return !dim.value || r.dataset.dims.split(" ").indexOf(dim.value) >= 0;
   }
   function apply() {
@@ -235,6 +248,7 @@ SCRIPT = """
   function filter() { page = 1; write(); }
   wrong.onchange = dim.onchange = filter;
   if (hard) hard.onchange = filter;
+  if (unfaithful) unfaithful.onchange = filter;
   document.getElementById("prev").onclick = function () { page -= 1; write(); };
   document.getElementById("next").onclick = function () { page += 1; write(); };
   window.addEventListener("hashchange", read);
@@ -257,10 +271,17 @@ def render(rows: Sequence[dict], cells: Sequence[Sequence[str | None]], title: s
         extra.append(f"hard cases: <b id='n-hard'>{s['hard']}</b> of {s['samples']}")
     if "mean_dpa" in s:
         extra.append(f"mean DPA: {s['mean_dpa']:.3f}")
+    if "stated" in s:
+        extra.append(
+            f"unfaithful: <b id='n-unfaithful'>{s['unfaithful']}</b> of the {s['stated']} "
+            "completions whose CoT states all four verdicts"
+        )
     options = "".join(
         f'<option value="{_e(g)}">{_e(g)} ({c["samples"]})</option>' for g, c in s["groups"].items()
     )
-    hard_box = '<label><input type="checkbox" id="hard"> hard only</label>' if "hard" in s else ""
+    boxes = '<label><input type="checkbox" id="hard"> hard only</label>' if "hard" in s else ""
+    if "stated" in s:
+        boxes += ' <label><input type="checkbox" id="unfaithful"> unfaithful only</label>'
     script = SCRIPT
     digest = base64.b64encode(hashlib.sha256(script.encode()).digest()).decode()
     csp = (
@@ -277,7 +298,7 @@ def render(rows: Sequence[dict], cells: Sequence[Sequence[str | None]], title: s
 <tr><th></th><th>samples</th><th>correct</th><th>wrong</th><th>score</th></tr>{table}</table>
 <p>{" · ".join(extra)}</p>
 <div class="controls"><label><input type="checkbox" id="wrong"> wrong only</label>
-<select id="dim"><option value="">every dimension</option>{options}</select> {hard_box}
+<select id="dim"><option value="">every dimension</option>{options}</select> {boxes}
 <button id="prev">&larr;</button><button id="next">&rarr;</button> <span id="shown"></span></div>
 <main data-page-size="{PAGE_SIZE}">{body}</main>
 <script>{script}</script></body></html>
@@ -325,7 +346,8 @@ def log_table(loggers: Sequence[Any], key: str, rows: Sequence[dict], cells, fol
     width = max((len(c) for c in cells), default=0)
     names = list(SCREENING_CAPTIONS) if width == len(SCREENING_CAPTIONS) else []
     names = names or [f"image_{k}" for k in range(width)]
-    facts = ["id", "label", "dimensions", "completion", "parsed", "correct", "dpa", "hard"]
+    facts = ["id", "label", "dimensions", "completion", "parsed", "correct", "dpa", "faithful"]
+    facts += ["hard"]
     facts = [f for f in facts if any(f in r for r in rows) or f == "dimensions"]
     data = []
     for row, row_cells in zip(rows, cells, strict=True):

@@ -7,10 +7,12 @@ line, in the split's order, judged by the same metric that scores the run:
 
     {"id": "test-000003", "label": "AC", "dimensions": ["physical_shadow"],
      "completion": "<think>...</think><answer>A</answer>", "parsed": "A",
-     "correct": true, "dpa": 0.5,
+     "correct": true, "dpa": 0.5, "faithful": true,
      "images": ["../../data/synthetic-s0-24/images/test-000003/original.png", ...]}
 
-`parsed` is the answer read from the completion (null: invalid). `images` are the original and
+`parsed` is the answer read from the completion (null: invalid). `faithful` says whether that
+answer is the set the completion's own CoT calls acceptable (null: the CoT does not state a
+verdict for each of the four candidates; hcm.judgement). `images` are the original and
 A-D, relative to the file's folder. A sample held only in memory (a public benchmark's parquet
 cells) has no files: its thumbnails are written now into `thumbs/` and named instead. Mining rows
 add `hard` and `pass_rate` (the share of its k answers that were right; the completion shown is

@@ -75,6 +75,7 @@ class Row:
     runs: list[Run] = field(default_factory=list)  # one per seed
     intervals: dict[str, tuple[float, float]] = field(default_factory=dict)
     delta_intervals: dict[str, tuple[float, float]] = field(default_factory=dict)
+    base: Row | None = None  # the baseline row its deltas are from
 
 
 # -- reading a multirun folder ------------------------------------------------------------------
@@ -182,6 +183,7 @@ def add_deltas(rows: Sequence[Row], sections: Sequence[int], baselines: dict, co
             continue
         if row is base and not spec.get("baseline_delta"):
             continue
+        row.base = base
         row.deltas = {
             c: row.values[c] - base.values[c]
             if row.values.get(c) is not None and base.values.get(c) is not None

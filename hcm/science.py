@@ -6,6 +6,13 @@ compositions) over seeds; each section goes into the report's Markdown only when
 - Per-dimension scores: `test/score/<dimension>` of each run's metrics.json, mean over seeds;
   "n/a" where no held-out sample has the dimension (its count is 0). Left out when the table's
   own columns show every dimension (Table 3).
+- Judgement (hcm.judgement): exact match, the balanced per-candidate score, faithfulness and the
+  share of answers naming one option, mean over seeds, from metrics.json.
+- Paired differences from the baseline row, per sample: from both rows' predictions.jsonl of
+  each seed they share (the same test ids), the mean gain in overall score with a 95% interval
+  from a two-level bootstrap (seeds, then samples within each seed; hcm.stats), beside the
+  paired-by-seed t interval of the table, and the mean discordance (the share of samples
+  exactly one of the two got right).
 - Detection rate per defect family (the synthetic benchmark's `meta`; see `detection_counts`).
   The test manifest is `<data.root>/<split>.jsonl`, its root taken from the `stage.json` of the
   job's stages and accepted only if its sha256 is the one the evaluation recorded.
@@ -27,11 +34,19 @@ from hcm.aggregate import Run, markdown_table
 from hcm.curves import Panel, Points, draw, read_curve
 from hcm.data.manifest import manifest_hash
 from hcm.data.synthetic.render import FAMILIES
+from hcm.gallery import read_predictions
 from hcm.screening import DIMENSIONS, NONE_ANSWER
+from hcm.stats import BOOTSTRAP_DRAWS, hierarchical_bootstrap
 
 log = logging.getLogger(__name__)
 
 CLEAN = "clean"  # candidates without a defect: their rate is the share the answer kept
+JUDGEMENT = {  # metrics.json key (test/score/...) -> column
+    "exact_match": "Exact match",
+    "judgement/balanced": "Balanced",
+    "faithful": "Faithful",
+    "answer_size/1": "Names 1 option",
+}
 REWARD = "train/reward/total"
 ZERO_VARIANCE = "train/zero_variance_groups"
 
@@ -137,6 +152,28 @@ def run_detection(run: Run) -> dict[str, list[int]]:
     return detection_counts(rows, candidates)
 
 
+def run_correctness(run: Run) -> dict[str, bool] | None:
+    """Per test id, whether the run's answer was right; None without its predictions.jsonl."""
+    path = None if run.folder is None else run.folder / "predictions.jsonl"
+    if path is None or not path.is_file():
+        return None
+    return {str(r["id"]): bool(r.get("correct")) for r in read_predictions(path)}
+
+
+def paired_differences(runs: Sequence[Run], base: Sequence[Run]) -> list[list[int]]:
+    """Per seed both rows ran and whose predictions cover the same ids, the per-sample
+    differences in correctness (row minus baseline: -1, 0, +1), in id order."""
+    theirs = {r.seed: r for r in base}
+    out = []
+    for run in runs:
+        if run.seed not in theirs:
+            continue
+        mine, other = run_correctness(run), run_correctness(theirs[run.seed])
+        if mine and other and mine.keys() == other.keys():
+            out.append([int(mine[i]) - int(other[i]) for i in sorted(mine)])
+    return out
+
+
 def run_zero_variance(run: Run) -> float | None:
     if run.curves is None:
         return None
@@ -168,6 +205,58 @@ def dimension_section(rows, names, decimals: int) -> str:
     head = ["Row", *(d.replace("_", " ").title() for d in DIMENSIONS)]
     note = "Per-dimension held-out scores, mean over seeds (n/a: no held-out sample has it)."
     return f"\n**Scores per dimension**\n\n{markdown_table(head, lines)}\n{note}\n"
+
+
+def _signed(value: float, lo: float, hi: float, decimals: int) -> str:
+    return f"{value:+.{decimals}f} [{lo:+.{decimals}f}, {hi:+.{decimals}f}]"
+
+
+def judgement_section(rows, names, decimals: int) -> str:
+    lines = []
+    for name, row in zip(names, rows, strict=True):
+        means = [_mean([s for r in row.runs if (s := r.score(k)) is not None]) for k in JUDGEMENT]
+        if means[1] is not None:  # runs from before the balanced score have none of these
+            lines.append([name, *(_num(m, decimals) for m in means)])
+    if not lines:
+        return ""
+    head = ["Row", *JUDGEMENT.values()]
+    note = (
+        "Mean over seeds (%). Balanced: the mean of the shares of unacceptable candidates the "
+        "answer leaves out and of acceptable ones it keeps, pooled over all candidates (an "
+        "invalid answer judges none right); naming fewer options cannot raise it as it raises "
+        "the overall score. Faithful: of the completions whose CoT states a verdict for all four "
+        "candidates, the share whose answer is the set those verdicts call acceptable "
+        "(hcm.judgement). Names 1 option: the share of answers naming exactly one."
+    )
+    return f"\n**Judgement**\n\n{markdown_table(head, lines)}\n{note}\n"
+
+
+def paired_section(rows, names, decimals: int) -> str:
+    lines = []
+    for name, row in zip(names, rows, strict=True):
+        if row.base is None:
+            continue
+        differences = paired_differences(row.runs, row.base.runs)
+        if not differences:
+            continue
+        by_seed = "-"
+        if "overall" in row.delta_intervals:
+            by_seed = _signed(row.deltas["overall"], *row.delta_intervals["overall"], decimals)
+        both = _signed(*(100 * x for x in hierarchical_bootstrap(differences)), decimals)
+        discordance = _mean([100 * sum(map(abs, d)) / len(d) for d in differences])
+        lines.append([name, by_seed, both, _num(discordance, decimals), str(len(differences))])
+    if not lines:
+        return ""
+    head = ["Row", "Δ overall, by seed (t)", "Δ overall, seeds × samples", "Discordance", "Seeds"]
+    note = (
+        "Difference from the section's baseline row, paired by seed and by test sample. By seed: "
+        "the table's t interval of per-seed differences (seed variation only). Seeds × samples: "
+        f"the mean per-sample gain and the 95% percentile interval of {BOOTSTRAP_DRAWS} draws "
+        "resampling the seeds, then the test samples within each drawn seed (both levels of "
+        "variation; seeded). Discordance: the share (%) of test samples exactly one of the two "
+        "models got right, mean over seeds. Seeds: the seeds both rows ran with the same test ids."
+    )
+    return f"\n**Paired differences**\n\n{markdown_table(head, lines)}\n{note}\n"
 
 
 def family_section(rows, names, decimals: int) -> str:
@@ -217,6 +306,7 @@ def sections(spec: dict, rows: Sequence[Any], names: Sequence[str]) -> str:
     text = ""
     if not set(DIMENSIONS) <= set(spec["columns"]):
         text += dimension_section(rows, names, decimals)
+    text += judgement_section(rows, names, decimals) + paired_section(rows, names, decimals)
     text += family_section(rows, names, decimals)
     return text + zero_variance_section(rows, names, decimals)
 

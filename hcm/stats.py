@@ -2,18 +2,23 @@
 
 `wilson_interval` is the Wilson score interval of one binomial proportion: unlike the normal
 (Wald) interval it stays inside [0, 1] and keeps its coverage at 0 or n successes, which a small
-model's score often is. `difference_interval` is the normal-approximation interval of p2 - p1 for
-two independent binomials, used for "GRPO minus SFT", with Agresti and Caffo's adjustment (one
-success and one failure added to each side) so that it does not collapse to a point when both
-scores are 0 or 100%. Two models scored on the same held-out samples are paired, not independent;
-ignoring the pairing widens the interval when both models tend to get the same samples right (the
-usual case), so the reported interval is conservative.
+model's score often is. Two models scored on the same held-out samples are paired:
+`paired_difference_interval` is Bonett and Price's adjusted Wald interval of p2 - p1 from the
+per-sample differences (only the discordant samples, where exactly one model is right, carry
+information; one discordant sample of each kind is added so that the interval does not collapse
+when none differ). `difference_interval` treats the two as independent binomials (Agresti and
+Caffo's adjustment, one success and one failure added to each side): the fallback when the
+per-sample answers are not at hand; it is wider when both models get the same samples right
+(the usual case), so conservative.
 
 Over training seeds, `mean_interval` is the Student-t interval of a mean of n runs' scores (n - 1
 degrees of freedom: with 3 seeds the half-width is 4.30 standard errors, not 1.96), and
 `paired_interval` the same interval of per-seed differences (row minus baseline, trained with the
 same seed), which removes what the seed does to both. Without scipy, the t quantiles come from a
 table for 1-30 degrees of freedom and the normal quantile beyond (at 31 that is 4% narrower).
+`hierarchical_bootstrap` adds the held-out samples' own variation to that of the seeds, and
+`minimum_detectable_difference` says how large a gain a design of seeds x samples can detect
+(its t quantiles at any level from `student_t_quantile`, exact for integer degrees of freedom).
 """
 
 from __future__ import annotations
@@ -21,7 +26,10 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+import numpy as np
+
 Z95 = 1.959963984540054  # the standard normal's 97.5% quantile
+BOOTSTRAP_DRAWS = 2000  # hierarchical_bootstrap's: the 2.5% tail then holds 50 draws
 # The t distribution's 97.5% quantile for 1..30 degrees of freedom (tests/test_stats.py checks
 # each against the integrated density).
 T95 = (
@@ -66,6 +74,26 @@ def difference_interval(
     return k2 / n2 - k1 / n1, max(-1.0, centre - z * se), min(1.0, centre + z * se)
 
 
+def paired_difference_interval(
+    only_first: float, only_second: float, n: float, z: float = Z95
+) -> tuple[float, float, float]:
+    """(p2 - p1, low, high) for two models scored on the same n samples, as proportions:
+    `only_first` samples only the first got right, `only_second` only the second. Bonett and
+    Price's (2012) adjusted Wald interval: with q1 = (b+1)/(n+2), q2 = (c+1)/(n+2), centre q2 - q1
+    and variance (q1 + q2 - (q2 - q1)^2) / (n + 2), the normal approximation on the per-sample
+    differences (each -1, 0 or +1).
+
+    >>> [round(x, 4) for x in paired_difference_interval(5, 15, 100)]
+    [0.1, 0.0099, 0.1861]
+    """
+    if n <= 0:
+        return math.nan, -1.0, 1.0
+    q1, q2 = (only_first + 1) / (n + 2), (only_second + 1) / (n + 2)
+    centre = q2 - q1
+    se = math.sqrt((q1 + q2 - centre * centre) / (n + 2))
+    return (only_second - only_first) / n, max(-1.0, centre - z * se), min(1.0, centre + z * se)
+
+
 def t_quantile(dof: int) -> float:
     """The Student-t 97.5% quantile with `dof` degrees of freedom (the normal's beyond 30).
 
@@ -102,3 +130,113 @@ def paired_interval(values: Sequence[float], base: Sequence[float]) -> tuple[flo
     if len(values) != len(base):
         raise ValueError(f"{len(values)} values paired with {len(base)} baselines")
     return mean_interval([v - b for v, b in zip(values, base, strict=True)])
+
+
+def hierarchical_bootstrap(
+    differences: Sequence[Sequence[float]], draws: int = BOOTSTRAP_DRAWS, seed: int = 0
+) -> tuple[float, float, float]:
+    """(mean, low, high): the mean over seeds of each seed's mean per-sample difference, and
+    its 95% percentile interval by a two-level bootstrap. `differences[s]` holds seed s's
+    per-sample differences (row minus baseline correctness: -1, 0, +1). Each draw resamples the
+    seeds with replacement, then, within each drawn seed, its samples with replacement (a seed
+    drawn twice gets two resamples), and takes the mean of the drawn seeds' means: both what the
+    training seed does and which held-out samples were drawn move it. Seeded: reproducible.
+
+    >>> hierarchical_bootstrap([[1.0, 1.0], [1.0, 1.0]])  # no variation at either level
+    (1.0, 1.0, 1.0)
+    """
+    arrays = [np.asarray(d, dtype=np.float64) for d in differences]
+    if not arrays or any(a.size == 0 for a in arrays):
+        raise ValueError("a bootstrap needs at least one seed, each with at least one sample")
+    rng = np.random.default_rng(seed)
+    picks = rng.integers(0, len(arrays), size=(draws, len(arrays)))  # (draws, seeds): a seed
+    means = np.empty(picks.shape)  # (draws, seeds): that seed's resampled mean
+    for s, values in enumerate(arrays):
+        slots = picks == s
+        resample = rng.integers(0, values.size, size=(int(slots.sum()), values.size))
+        means[slots] = values[resample].mean(axis=1)
+    stats = means.mean(axis=1)  # (draws,)
+    lo, hi = np.percentile(stats, [2.5, 97.5])
+    return float(np.mean([a.mean() for a in arrays])), float(lo), float(hi)
+
+
+def t_cdf(x: float, dof: int) -> float:
+    """P(T <= x) for Student's t with an integer `dof`, in closed form (Abramowitz and Stegun
+    26.7.3-4: a finite series in cos(theta), theta = atan(x / sqrt(dof))).
+
+    >>> round(t_cdf(4.302653, 2), 6), t_cdf(0.0, 7)
+    (0.975, 0.5)
+    """
+    if dof < 1:
+        raise ValueError(f"the t distribution needs at least 1 degree of freedom, got {dof}")
+    theta = math.atan(x / math.sqrt(dof))
+    c2 = math.cos(theta) ** 2
+    if dof % 2:  # odd: 2/pi (theta + sin cos (1 + 2/3 cos^2 + 2*4/(3*5) cos^4 + ...))
+        term, series = 1.0, 0.0
+        for k in range(1, (dof - 1) // 2 + 1):
+            series += term
+            term *= c2 * (2 * k) / (2 * k + 1)
+        mass = 2 / math.pi * (theta + math.sin(theta) * math.cos(theta) * series)
+    else:  # even: sin (1 + 1/2 cos^2 + 1*3/(2*4) cos^4 + ...)
+        term, series = 1.0, 0.0
+        for k in range(1, dof // 2 + 1):
+            series += term
+            term *= c2 * (2 * k - 1) / (2 * k)
+        mass = math.sin(theta) * series
+    return 0.5 + mass / 2  # mass = P(|T| < |x|), signed with x
+
+
+def student_t_quantile(p: float, dof: int) -> float:
+    """The p quantile of Student's t with an integer `dof` (bisection on `t_cdf`).
+
+    >>> round(student_t_quantile(0.8, 2), 3), round(student_t_quantile(0.975, 9), 3)
+    (1.061, 2.262)
+    """
+    if not 0 < p < 1:
+        raise ValueError(f"a quantile needs 0 < p < 1, got {p}")
+    if p < 0.5:
+        return -student_t_quantile(1 - p, dof)
+    lo, hi = 0.0, 1.0
+    while t_cdf(hi, dof) < p:
+        lo, hi = hi, 2 * hi
+    for _ in range(100):  # the bracket halves: 2^-100 of it is below float precision
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if t_cdf(mid, dof) < p else (lo, mid)
+    return (lo + hi) / 2
+
+
+def minimum_detectable_difference(
+    discordance: float,
+    seed_sd: float,
+    seeds: int,
+    n: int,
+    alpha: float = 0.05,
+    power: float = 0.8,
+) -> float:
+    """The smallest true mean gain (points) that `seeds` training seeds x `n` paired held-out
+    samples detect with probability `power` in a two-sided test at level `alpha`.
+
+    The mean gain over seeds has variance (seed_sd^2 + v / n) / seeds: `seed_sd` (points) is the
+    spread of the true gain from seed to seed, v the per-sample variance of the paired
+    differences (each -1, 0 or +1), which is discordance - gain^2; `discordance` (%, the share
+    of samples where exactly one model is right) bounds it from above, so v = 100 * discordance
+    points^2 is conservative. The test is a t test on seeds - 1 degrees of freedom, and the gain
+    it detects with the given power is (t(1 - alpha/2) + t(power)) standard errors (the usual
+    approximation that ignores the t's non-centrality).
+
+    Worked example: 20% discordance, a seed-to-seed sd of 4 points, 3 seeds x 1,024 samples.
+    v / n = 100 * 20 / 1024 = 1.953; (16 + 1.953) / 3 = 5.984, se = 2.446 points;
+    t(0.975; 2) + t(0.8; 2) = 4.303 + 1.061 = 5.364, so the design detects 13.12 points.
+    With 10 seeds: se = sqrt(17.953 / 10) = 1.340, t(0.975; 9) + t(0.8; 9) = 2.262 + 0.883:
+    4.21 points.
+
+    >>> round(minimum_detectable_difference(20.0, 4.0, 3, 1024), 2)
+    13.12
+    >>> round(minimum_detectable_difference(20.0, 4.0, 10, 1024), 2)
+    4.21
+    """
+    if seeds < 2 or n < 1:
+        raise ValueError(f"needs at least 2 seeds and 1 sample, got {seeds} and {n}")
+    se = math.sqrt((seed_sd**2 + 100 * discordance / n) / seeds)
+    dof = seeds - 1
+    return (student_t_quantile(1 - alpha / 2, dof) + student_t_quantile(power, dof)) * se

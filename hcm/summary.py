@@ -11,8 +11,14 @@ stages summarises them all the same:
 Each score carries its Wilson 95% interval (hcm.stats). A stage is compared with the nearest
 earlier row that scored another model on the same held-out samples (same split and count):
 GRPO against the SFT model it started from, the final evaluation against the last SFT stage
-(skipping the GRPO row, which scored the same model). The curves come from each stage's CSV
-logger file (`csv/metrics.csv`); without the CSV logger there is no figure.
+(skipping the GRPO row, which scored the same model). When both stages left a
+`predictions.jsonl` over the same ids (two evaluations), the difference is paired: per sample,
+and its interval Bonett and Price's paired one, with the discordance (the share of samples
+exactly one of the two got right). Otherwise (a training stage's validation writes no
+predictions) it is the interval of two independent scores, labelled "unpaired".
+Beside the section-5.1 score each row has hcm.judgement's balanced per-candidate score,
+faithfulness and answer-size distribution. The curves come from each stage's CSV logger file
+(`csv/metrics.csv`); without the CSV logger there is no figure.
 """
 
 from __future__ import annotations
@@ -26,13 +32,17 @@ from typing import Any
 from hcm.curves import Panel, draw, read_curve
 from hcm.data.hard_cases import HardCaseSet
 from hcm.files import atomic_write_text
+from hcm.gallery import PREDICTIONS, read_predictions
+from hcm.judgement import SIZES
 from hcm.screening import DIMENSIONS
 from hcm.screening_score import HEADERS
-from hcm.stats import difference_interval, wilson_interval
+from hcm.stats import difference_interval, paired_difference_interval, wilson_interval
 
 log = logging.getLogger(__name__)
 
 SCORES = ("overall", "count", "exact_match", "mean_dpa", "valid_rate", *DIMENSIONS)
+JUDGEMENT = ("balanced", "left_out_unacceptable", "kept_acceptable")  # judgement/<key>
+FAITHFULNESS = ("verdicts_stated", "faithful")
 
 
 @dataclass
@@ -90,9 +100,34 @@ def correct(s: StageScore) -> float:
     return round(s.metrics["overall"] * s.metrics["count"] / 100)
 
 
+def correctness(s: StageScore) -> dict[str, bool] | None:
+    """Per sample id, whether the stage's answer was right; None without predictions.jsonl."""
+    path = s.folder / PREDICTIONS
+    if not path.is_file():
+        return None
+    return {str(r["id"]): bool(r.get("correct")) for r in read_predictions(path)}
+
+
+def delta(prev: StageScore, s: StageScore) -> dict[str, Any]:
+    """`s` minus `prev` (points) with its 95% interval: paired per sample when both stages'
+    predictions cover the same ids, else as two independent scores ("unpaired")."""
+    first, second = correctness(prev), correctness(s)
+    if first is not None and second is not None and first.keys() == second.keys() and first:
+        only_first = sum(first[i] and not second[i] for i in first)
+        only_second = sum(second[i] and not first[i] for i in first)
+        d, lo, hi = paired_difference_interval(only_first, only_second, len(first))
+        out = {"interval": "paired", "discordance": 100 * (only_first + only_second) / len(first)}
+    else:
+        n = s.metrics["count"]
+        d, lo, hi = difference_interval(correct(prev), prev.metrics["count"], correct(s), n)
+        out = {"interval": "unpaired"}
+    return {"stage": prev.name, "overall": 100 * d, "overall_ci": [100 * lo, 100 * hi], **out}
+
+
 def summarize(scores: list[StageScore]) -> dict[str, Any]:
     """summary.json: the random baseline and, per stage, its scores, the 95% interval of the
-    overall score, and the difference from the previous stage with its 95% interval."""
+    overall score, the balanced judgement, faithfulness and answer sizes, and the difference
+    from the previous stage with its 95% interval."""
     final = scores[-1].metrics if scores else {}
     summary: dict[str, Any] = {
         "random_baseline": final.get("random_baseline"),
@@ -112,16 +147,13 @@ def summarize(scores: list[StageScore]) -> dict[str, Any]:
                 row[d] = None
         row["count"] = int(n)
         row["overall_ci"] = [100 * lo, 100 * hi]
+        # None where there was nothing to count (the metric leaves such a share out)
+        row["judgement"] = {k: s.metrics.get(f"judgement/{k}") for k in JUDGEMENT}
+        row.update({k: s.metrics.get(k) for k in FAITHFULNESS})
+        row["answer_size"] = {k: s.metrics.get(f"answer_size/{k}") for k in SIZES}
         prev = previous(scores, i)
         if prev is not None:
-            delta, dlo, dhi = difference_interval(
-                correct(prev), prev.metrics["count"], correct(s), n
-            )
-            row["delta_vs_previous"] = {
-                "stage": prev.name,
-                "overall": 100 * delta,
-                "overall_ci": [100 * dlo, 100 * dhi],
-            }
+            row["delta_vs_previous"] = delta(prev, s)
         cases = s.folder / "hard_cases.json"
         if cases.is_file():  # a GRPO stage's mining: how hard the training split was
             mined = HardCaseSet.load(cases)
@@ -146,13 +178,13 @@ def to_markdown(summary: dict[str, Any]) -> str:
     def num(v: float | None) -> str:
         return "n/a" if v is None else f"{v:.2f}"
 
-    head = ["Stage", "Scored", "Overall [95% CI]", "n", "Exact match", "Mean DPA", "Valid"]
-    head += [*HEADERS[1:], "Δ overall [95% CI]"]
+    head = ["Stage", "Scored", "Overall [95% CI]", "n", "Exact match", "Balanced", "Faithful"]
+    head += ["Mean DPA", "Valid", *HEADERS[1:], "Δ overall [95% CI]"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     rows = summary["stages"]
     count = next((r["count"] for r in reversed(rows.values())), None)
     base = summary["random_baseline_dimensions"]
-    cells = ["Random", "-", num(summary["random_baseline"]), str(count or "-"), "-", "-", "-"]
+    cells = ["Random", "-", num(summary["random_baseline"]), str(count or "-"), *["-"] * 5]
     lines.append("| " + " | ".join([*cells, *(num(base[d]) for d in DIMENSIONS), "-"]) + " |")
     for name, r in rows.items():
         lo, hi = r["overall_ci"]
@@ -161,16 +193,32 @@ def to_markdown(summary: dict[str, Any]) -> str:
         if delta is not None:
             dlo, dhi = delta["overall_ci"]
             d_text = f"{delta['overall']:+.2f} [{dlo:+.2f}, {dhi:+.2f}] vs {delta['stage']}"
+            paired = delta["interval"] == "paired"
+            d_text += (
+                f" (paired, {delta['discordance']:.2f}% discordant)" if paired else " (unpaired)"
+            )
         cells = [name, _scored(name, r, rows), f"{num(r['overall'])} [{lo:.2f}, {hi:.2f}]"]
-        cells += [str(r["count"]), num(r["exact_match"]), num(r["mean_dpa"]), num(r["valid_rate"])]
+        cells += [str(r["count"]), num(r["exact_match"]), num(r["judgement"]["balanced"])]
+        cells += [num(r["faithful"]), num(r["mean_dpa"]), num(r["valid_rate"])]
         cells += [*(num(r[d]) for d in DIMENSIONS), d_text]
         lines.append("| " + " | ".join(cells) + " |")
+    sizes = ["| Stage | " + " | ".join(SIZES) + " | CoT states all four verdicts |"]
+    sizes.append("|" + "---|" * (len(SIZES) + 2))
+    for name, r in rows.items():
+        cells = [num(r["answer_size"][k]) for k in SIZES] + [num(r["verdicts_stated"])]
+        sizes.append(f"| {name} | " + " | ".join(cells) + " |")
     notes = [
         f"{k}: {r['hard_cases']} hard cases of {r['train_cases']}"
         for k, r in rows.items()
         if "hard_cases" in r
     ]
-    return "\n".join(lines) + ("\n\nMining: " + "; ".join(notes) if notes else "") + "\n"
+    return (
+        "\n".join(lines)
+        + ("\n\nMining: " + "; ".join(notes) if notes else "")
+        + "\n\nAnswers naming N (none), 1-4 options, or invalid (% of answers):\n\n"
+        + "\n".join(sizes)
+        + "\n"
+    )
 
 
 def _chained(folders: list[tuple[str, Path]], key: str, x: str) -> list[tuple[str, list, list]]:

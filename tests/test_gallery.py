@@ -33,6 +33,11 @@ from hcm.gallery import (
 from hcm.predictions import write_predictions
 
 REPO = Path(__file__).resolve().parents[1]
+# a compact CoT calling A alone acceptable, and answering so
+COT_A = (
+    "<think>A: floor, shadow, acceptable. B: floating, unacceptable. C: floor, unacceptable. "
+    "D: floor, no shadow, unacceptable.</think><answer>A</answer>"
+)
 HOSTILE = '</pre><script>alert("pwned")</script><img src=x onerror=alert(1)>'
 
 
@@ -85,7 +90,8 @@ def png(path: Path, colour: tuple[int, int, int], size: int = 200) -> Path:
 def run(tmp_path):
     """A run folder with a predictions file whose images sit in a data root beside it:
     row 0 right, row 1 wrong with a hostile id and completion, row 2 wrong and hard with one
-    image path escaping the allowed folders, row 3 with a symlink out of the data root."""
+    image path escaping the allowed folders, row 3 with a symlink out of the data root.
+    Rows 0 follows its CoT's verdicts, 2 and 3 do not, 1 states none (faithful null)."""
     data, folder = tmp_path / "data", tmp_path / "runs" / "r1" / "eval"
     secret = png(tmp_path / "private" / "secret.png", (255, 0, 255))
     images = [png(data / "s" / f"{k}.png", (40 * k, 100, 150)) for k in range(5)]
@@ -100,6 +106,7 @@ def run(tmp_path):
             "parsed": "A",
             "dpa": 0.5,
             "completion": "<answer>A</answer>",
+            "faithful": True,
             "hard": False,
         },
         {
@@ -110,6 +117,7 @@ def run(tmp_path):
             "parsed": None,
             "dpa": 0.0,
             "completion": HOSTILE,
+            "faithful": None,
             "hard": False,
         },
         {
@@ -120,6 +128,7 @@ def run(tmp_path):
             "parsed": "D",
             "dpa": 0.0,
             "completion": "<answer>D</answer>",
+            "faithful": False,
             "hard": True,
         },
         {
@@ -130,6 +139,7 @@ def run(tmp_path):
             "parsed": "N",
             "dpa": 1.0,
             "completion": "<answer>N</answer>",
+            "faithful": False,
             "hard": False,
         },
     ]
@@ -150,6 +160,10 @@ def test_page_rows_counts_escaping_and_image_paths(run):
     assert len(p.rows) == 4  # one per prediction
     assert [r["data-correct"] for r in p.rows] == ["1", "0", "0", "1"]
     assert [r["data-hard"] for r in p.rows] == ["0", "0", "1", "0"]
+    assert [r["data-unfaithful"] for r in p.rows] == ["0", "0", "1", "1"]
+    assert "unfaithful: <b id='n-unfaithful'>2</b> of the 3 completions" in text
+    assert '<input type="checkbox" id="unfaithful">' in text
+    assert text.count('<b class="bad">unfaithful</b>') == 2 and "follows its CoT" in text
     assert p.rows[1]["data-dims"] == "physical_shadow placement_layout"
     # the counts at the top, and the dimension filter's options with theirs
     assert "hard cases: <b id='n-hard'>1</b> of 4" in text
@@ -280,9 +294,11 @@ def test_wandb_table_rows_and_thumbnails(run):
         "parsed",
         "correct",
         "dpa",
+        "faithful",
         "hard",
     ]
-    assert len(data) == 4 and data[1][5 + 3] == HOSTILE and data[2][5 + 7] is True
+    assert len(data) == 4 and data[1][5 + 3] == HOSTILE and data[2][5 + 8] is True
+    assert [row[5 + 7] for row in data] == [True, None, False, False]
     assert all(isinstance(c, wandb.Image) for c in data[0][:5])
     assert data[2][4] is None  # the refused image
 
@@ -302,9 +318,7 @@ def test_tiny_eval_writes_predictions_gallery_and_wandb_table(compose_cfg, monke
 
     def answer(self, batch, **kw):
         out = real(self, batch, **kw)
-        texts = [
-            t if i % 2 else "<think>x</think><answer>A</answer>" for i, t in enumerate(out.texts)
-        ]
+        texts = [t if i % 2 else COT_A for i, t in enumerate(out.texts)]
         given.extend(texts)
         return dataclasses.replace(out, texts=texts)
 
@@ -321,11 +335,19 @@ def test_tiny_eval_writes_predictions_gallery_and_wandb_table(compose_cfg, monke
     for r in rows[::2]:
         assert r["parsed"] == "A" and r["correct"] == ("A" in r["label"])
         assert r["dpa"] == (1 / len(r["label"]) if r["correct"] else 0.0)
+        assert r["faithful"] is True  # its CoT called A alone acceptable
     assert 0 < sum(r["correct"] for r in rows) < 16
     score = 100 * sum(r["correct"] for r in rows) / len(rows)
     assert results["test/score/overall"] == pytest.approx(score)
     mean_dpa = 100 * sum(r["dpa"] for r in rows) / len(rows)
     assert results["test/score/mean_dpa"] == pytest.approx(mean_dpa)
+    # judgement and faithfulness reach metrics.json, as the rows count them
+    saved = json.loads((out / "metrics.json").read_text())["metrics"]
+    stated = [r["faithful"] for r in rows if r["faithful"] is not None]
+    assert saved["test/score/verdicts_stated"] == pytest.approx(100 * len(stated) / 16)
+    assert saved["test/score/faithful"] == pytest.approx(100 * sum(stated) / len(stated))
+    assert saved["test/score/answer_size/1"] >= 50  # every other answer is "A"
+    assert 0 <= saved["test/score/judgement/balanced"] <= 100
     for r, m in zip(rows, manifest, strict=True):  # the images are the manifest's files
         wanted = [m["original"], *m["candidates"]]
         assert [(out / p).resolve() for p in r["images"]] == [(root / w).resolve() for w in wanted]
@@ -402,3 +424,7 @@ def test_page_in_a_headless_browser(run, tmp_path):
     assert [("hidden" in r) for r in hard] == [True, True, False, True]
     dim = rows_after_script("#dim=physical_shadow&wrong=1")
     assert [("hidden" in r) for r in dim] == [True, False, True, True]
+    unfaithful = rows_after_script("#unfaithful=1")  # a null (no verdicts) is not unfaithful
+    assert [("hidden" in r) for r in unfaithful] == [True, True, False, False]
+    both = rows_after_script("#unfaithful=1&hard=1")
+    assert [("hidden" in r) for r in both] == [True, True, False, True]

@@ -39,6 +39,52 @@ def test_scores_per_dimension_hand_computed():
     assert out["mean_dpa"].item() == pytest.approx(100 * (0.5 + 1 + 2 / 3) / 5, rel=1e-6)
     assert out["valid_rate"].item() == pytest.approx(80.0)
     assert out["count"].item() == 5
+    # per candidate (unacceptable left out, unacceptable, acceptable kept, acceptable):
+    # A/AC (2,2,1,2), B/AC (1,2,0,2), N/N (4,4,0,0), invalid/B (0,3,0,1), CD/BCD (1,1,2,3)
+    assert out["judgement/left_out_unacceptable"].item() == pytest.approx(100 * 8 / 12)
+    assert out["judgement/kept_acceptable"].item() == pytest.approx(100 * 3 / 8)
+    assert out["judgement/balanced"].item() == pytest.approx((100 * 8 / 12 + 37.5) / 2)
+    sizes = {k: out[f"answer_size/{k}"].item() for k in ("N", "1", "2", "3", "4", "invalid")}
+    assert sizes == pytest.approx({"N": 20, "1": 40, "2": 20, "3": 0, "4": 0, "invalid": 20})
+    # no completion states its four verdicts: nothing to be faithful to
+    assert out["verdicts_stated"].item() == 0.0 and "faithful" not in out
+
+
+def compact(verdicts: str, answer: str) -> str:
+    """A compact CoT calling each letter of `verdicts` ("+-+-") acceptable (+) or not (-)."""
+    words = {"+": "acceptable", "-": "unacceptable"}
+    think = " ".join(f"{k}: floor, {words[v]}." for k, v in zip("ABCD", verdicts, strict=True))
+    return f"<think>{think}</think><answer>{answer}</answer>"
+
+
+def test_faithful_share_among_completions_stating_all_verdicts():
+    m = ScreeningScore()
+    completions = [
+        compact("+--+", "AD"),  # faithful
+        compact("+--+", "A"),  # correct by 5.1, not what the CoT concluded
+        compact("----", "N"),  # faithful
+        compact("+--+", "BOGUS"),  # verdicts stated, invalid answer: not faithful
+        cot("A"),  # no verdicts: counts in neither
+    ]
+    verdicts = m.judge(completions, ["AD"] * 5)
+    assert [v["faithful"] for v in verdicts] == [True, False, True, False, None]
+    m.update(completions, ["AD"] * 5)
+    out = m.compute()
+    assert out["verdicts_stated"].item() == pytest.approx(80.0)  # 4 of 5
+    assert out["faithful"].item() == pytest.approx(50.0)  # 2 of those 4
+
+
+def test_table_says_n_a_for_a_dimension_without_samples():
+    m = ScreeningScore()
+    m.update([cot("A")], ["AC"], [["physical_shadow"]])
+    results = {f"test/score/{k}": v.item() for k, v in m.compute().items()}
+    lines = ScreeningScore.table(results, "m", "CoT").splitlines()
+    assert lines[2] == "| Random | - | 40.00 | n/a | 40.00 | n/a | n/a |"
+    assert lines[3] == "| m | CoT | 100.00 | n/a | 100.00 | n/a | n/a |"
+    # A kept (1 of 2 acceptable), B and D left out (2 of 2 unacceptable): (100 + 50) / 2
+    assert lines[5] == (
+        "exact_match 0.00, judgement/balanced 75.00, mean_dpa 50.00, valid_rate 100.00, count 1.00"
+    )
 
 
 def test_paper_random_baseline():

@@ -67,8 +67,15 @@ def wrong(answer: str) -> str:
     return "<answer>A</answer>" if answer == "N" else "<answer>N</answer>"
 
 
+def cot(answer: str) -> str:
+    """A compact CoT whose verdicts conclude `answer`, then the answer: a faithful completion."""
+    think = " ".join(f"{k}: {'' if k in answer else 'un'}acceptable." for k in "ABCD")
+    return f"<think>{think}</think><answer>{answer}</answer>"
+
+
 class Answers:
-    """Stands in for module.answer: case i's s-th answer is right iff right(i, s)."""
+    """Stands in for module.answer: case i's s-th answer is right iff right(i, s) (a faithful
+    CoT, else a bare wrong answer)."""
 
     def __init__(self, dm, right):
         self.position = {r.id: i for i, r in enumerate(dm.load("train"))}
@@ -78,7 +85,7 @@ class Answers:
         self.calls.append(kwargs)
         k = kwargs.get("group_size", 1)
         texts = [
-            f"<think>x</think><answer>{a}</answer>" if self.right(self.position[i], s) else wrong(a)
+            cot(a) if self.right(self.position[i], s) else wrong(a)
             for i, a in zip(batch["ids"], batch["answers"], strict=True)
             for s in range(k)
         ]
@@ -261,6 +268,8 @@ def test_mining_writes_predictions_with_hard_and_a_gallery(attached, tmp_path, m
     assert [r["hard"] for r in rows] == [i % 3 < 2 for i in range(N_TRAIN)]
     assert [r["pass_rate"] for r in rows] == [(i % 3) / 2 for i in range(N_TRAIN)]
     assert [r["correct"] for r in rows] == [i % 3 > 0 for i in range(N_TRAIN)]  # the first answer
+    # a right answer follows its CoT; a bare wrong one states no verdicts (null)
+    assert [r["faithful"] for r in rows] == [True if i % 3 else None for i in range(N_TRAIN)]
     assert [r["label"] for r in rows] == [r.answer for r in records]
     assert rows[1]["parsed"] == records[1].answer and rows[1]["dpa"] == 1.0
     assert len(rows[0]["images"]) == 5

@@ -15,6 +15,7 @@ from test_report import make_job, make_multirun
 
 import hcm.aggregate
 import hcm.science
+import hcm.stats
 from hcm.data.manifest import manifest_hash
 from hcm.report import report
 from hcm.science import detection_counts
@@ -156,6 +157,15 @@ CANDIDATES = [
 ]
 
 
+JUDGEMENT_KEYS = ("exact_match", "judgement/balanced", "faithful", "answer_size/1")
+# experiment -> per seed: exact match, balanced, faithful (None: no CoT stated all four verdicts),
+# names 1 option, and whether each of the 4 test samples was right
+JUDGED = {
+    "cpu_sft": [(20.0, 50.0, None, 10.0, [1, 0, 0, 0]), (30.0, 60.0, 80.0, 20.0, [1, 1, 0, 0])],
+    "cpu_hcm": [(40.0, 70.0, 90.0, 50.0, [1, 1, 1, 0]), (50.0, 80.0, 100.0, 70.0, [1, 1, 0, 1])],
+}
+
+
 def science_run(tmp_path: Path, digest_ok: bool = True) -> Path:
     data = tmp_path / "data"
     data.mkdir()
@@ -173,6 +183,7 @@ def science_run(tmp_path: Path, digest_ok: bool = True) -> Path:
     num = 0
     for exp, seeds in arms.items():
         for seed, (overall, shadow, parsed, zero_var) in enumerate(seeds):
+            judged = JUDGED[exp][seed]
             metrics = {
                 "overall": overall,
                 "count": 100,
@@ -181,6 +192,7 @@ def science_run(tmp_path: Path, digest_ok: bool = True) -> Path:
                 "appearance_deformation": 0.0,  # what the metric writes for no sample
                 "count/appearance_deformation": 0,
                 "random_baseline": 34.5,
+                **{k: v for k, v in zip(JUDGEMENT_KEYS, judged[:4], strict=True) if v is not None},
             }
             job = make_job(root, num, {"experiment": exp}, [f"experiment={exp}", f"seed={seed}"])
             num += 1
@@ -192,7 +204,10 @@ def science_run(tmp_path: Path, digest_ok: bool = True) -> Path:
                 "manifest_hashes": {"test": digest},
             }
             (evals / "metrics.json").write_text(json.dumps(payload))
-            (evals / "predictions.jsonl").write_text(json.dumps({"id": "s0", "parsed": parsed}))
+            # s0 is the manifest's sample; s1-s3 (not in it) only count for the paired section
+            right = judged[-1]
+            rows = [{"id": f"s{k}", "parsed": parsed, "correct": c} for k, c in enumerate(right)]
+            (evals / "predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
             sft = job / "stages" / "sft"
             sft.mkdir()
             config = {"config": {"data": {"root": str(data)}}}
@@ -204,6 +219,11 @@ def science_run(tmp_path: Path, digest_ok: bool = True) -> Path:
                 lines += [f"{i // 2},{i},{0.1 * i},{z}" for i, z in enumerate(zero_var)]
                 (log / "metrics.csv").write_text("\n".join(lines) + "\n")
     return root
+
+
+# the bootstrap of the per-sample differences above: mean (.5 + .25) / 2 = .375
+_, _LO, _HI = hcm.stats.hierarchical_bootstrap([[0, 1, 1, 0], [0, 0, 0, 1]])
+PAIRED = f"+37.5 [{100 * _LO:+.1f}, {100 * _HI:+.1f}]"
 
 
 def test_science_sections_per_dimension_family_and_zero_variance(tmp_path):
@@ -220,6 +240,18 @@ def test_science_sections_per_dimension_family_and_zero_variance(tmp_path):
         "| SFT | n/a | 35.0 | n/a | n/a |\n"
         "| SFT +HCM-GRPO | n/a | 70.0 | n/a | n/a |",
         "Per-dimension held-out scores, mean over seeds (n/a: no held-out sample has it).",
+        "**Judgement**",
+        "| Row | Exact match | Balanced | Faithful | Names 1 option |\n|---|---|---|---|---|\n"
+        "| SFT | 25.0 | 55.0 | 80.0 | 15.0 |\n"  # faithful: seed 0 has none
+        "| SFT +HCM-GRPO | 45.0 | 75.0 | 95.0 | 60.0 |",
+        text.split("\n\n")[8],  # the definitions
+        "**Paired differences**",
+        "| Row | Δ overall, by seed (t) | Δ overall, seeds × samples | Discordance | Seeds |\n"
+        "|---|---|---|---|---|\n"
+        # per-sample differences: seed 0 (0, +1, +1, 0), mean .5; seed 1 (0, 0, 0, +1), .25;
+        # discordant: 2 of 4 and 1 of 4
+        f"| SFT +HCM-GRPO | +30.0 [+30.0, +30.0] | {PAIRED} | 37.5 | 2 |",
+        text.split("\n\n")[11],
         "**Detection rate per defect family**",
         "| Row | floating (n=2) | extra_object (n=1) | clean (n=2) |\n|---|---|---|---|\n"
         # SFT: seed 0 invalid (nothing detected, nothing kept), seed 1 "N" (all excluded)
@@ -227,13 +259,15 @@ def test_science_sections_per_dimension_family_and_zero_variance(tmp_path):
         # seed 0 "BC": A excluded (1 of 2 floating), C kept; seed 1 "B": A, C excluded;
         # both keep B and drop D (1 of 2 clean)
         "| SFT +HCM-GRPO | 75.0 | 50.0 | 50.0 |",
-        text.split("\n\n")[8],  # the definition, checked below
+        text.split("\n\n")[14],  # the definition, checked below
         "**Zero-variance groups**",
         "| Row | Zero-variance groups (%) | Seeds |\n|---|---|---|\n"
         "| SFT +HCM-GRPO | 37.5 | 2 |",  # step means 0.25 and 0.5
         text.split("\n\n")[-1],
     ]
-    assert "leaves out" in text.split("\n\n")[8]
+    assert "leaves out" in text.split("\n\n")[14]
+    assert "pooled over all candidates" in text.split("\n\n")[8]
+    assert "2000 draws" in text.split("\n\n")[11]
     assert (root / "arms.md").read_text() == text
     assert (root / "arms_scores.png").read_bytes()[:4] == b"\x89PNG"
 

@@ -12,8 +12,12 @@ from hcm.stats import (
     T95,
     Z95,
     difference_interval,
+    hierarchical_bootstrap,
     mean_interval,
+    minimum_detectable_difference,
+    paired_difference_interval,
     paired_interval,
+    student_t_quantile,
     t_quantile,
     wilson_interval,
 )
@@ -123,6 +127,87 @@ def test_paired_interval_needs_pairs():
         paired_interval([1.0, 2.0, 3.0], [1.0, 2.0])
 
 
+@pytest.mark.parametrize(
+    ("only_first", "only_second", "n", "delta", "low", "high"),
+    [
+        # q1 = 6/102, q2 = 16/102: centre .09804, var (.21569 - .00961) / 102, se .04495.
+        # The same scores (50 and 60 of 100) unpaired: [-0.0379, 0.2339] (above).
+        (5, 15, 100, 0.1, 0.0099, 0.1861),
+        (15, 5, 100, -0.1, -0.1861, -0.0099),  # swapping the models flips the sign
+        # no sample differs: 1/102 each, se sqrt(2/102/102) = .01387, not a point at 0
+        (0, 0, 100, 0.0, -0.0272, 0.0272),
+        # all 16 go to the second: q2 - q1 = 16/18, se .10798; the top clipped at 1
+        (0, 16, 16, 1.0, 0.6773, 1.0),
+    ],
+)
+def test_paired_difference_interval(only_first, only_second, n, delta, low, high):
+    d, lo, hi = paired_difference_interval(only_first, only_second, n)
+    assert (round(d, 4), round(lo, 4), round(hi, 4)) == (delta, low, high)
+
+
+def test_hierarchical_bootstrap_resamples_seeds_and_samples():
+    # no variation within a seed: only the seeds move the mean. Of the 27 equally likely
+    # draws of 3 seeds from {0, .1, .2}, "all 0" (1/27 = 3.7%) and "all .2" each exceed the
+    # 2.5% tails, so the interval is [0, .2] exactly
+    assert hierarchical_bootstrap([[0.0] * 10, [0.1] * 10, [0.2] * 10]) == pytest.approx(
+        (0.1, 0.0, 0.2)
+    )
+    # one seed: only the samples move it; 100 of 1,000 differ by +1: mean .1, and the normal
+    # interval .1 +- 1.96 * sqrt(.1 * .9 / 1000) = [.0814, .1186]
+    mean, lo, hi = hierarchical_bootstrap([[1.0] * 100 + [0.0] * 900])
+    assert mean == pytest.approx(0.1)
+    assert lo == pytest.approx(0.0814, abs=0.003) and hi == pytest.approx(0.1186, abs=0.003)
+    # seeded: the same draws twice
+    data = [[1.0, 0.0, -1.0, 1.0], [0.0, 0.0, 1.0]]
+    assert hierarchical_bootstrap(data, seed=3) == hierarchical_bootstrap(data, seed=3)
+    with pytest.raises(ValueError, match="at least one"):
+        hierarchical_bootstrap([[1.0], []])
+
+
+@pytest.mark.parametrize(
+    ("p", "dof", "expected"),
+    [  # printed t tables, 3 decimals
+        (0.8, 1, 1.376),
+        (0.8, 2, 1.061),
+        (0.8, 3, 0.978),
+        (0.8, 4, 0.941),
+        (0.8, 5, 0.920),
+        (0.8, 10, 0.879),
+        (0.8, 30, 0.854),
+        (0.95, 1, 6.314),
+        (0.95, 4, 2.132),
+        (0.2, 2, -1.061),  # symmetric
+    ],
+)
+def test_student_t_quantile_against_the_table(p, dof, expected):
+    assert round(student_t_quantile(p, dof), 3) == expected
+
+
+@pytest.mark.parametrize("dof", range(1, 31))
+def test_student_t_quantile_gives_the_97_5_table(dof):
+    assert student_t_quantile(0.975, dof) == pytest.approx(T95[dof - 1], abs=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("discordance", "seed_sd", "seeds", "n", "expected"),
+    [
+        # docstring: (16 + 100 * 20 / 1024) / 3 = 5.984, se 2.4463; (4.3027 + 1.0607) * se
+        (20.0, 4.0, 3, 1024, 13.12),
+        (20.0, 4.0, 10, 1024, 4.21),  # se 1.3399; 2.2622 + 0.8834
+        # no seed spread: se sqrt(100 * 10 / 100 / 2) = 2.2361; t(1): 12.7062 + 1.3764
+        (10.0, 0.0, 2, 100, 31.49),
+    ],
+)
+def test_minimum_detectable_difference(discordance, seed_sd, seeds, n, expected):
+    mdd = minimum_detectable_difference(discordance, seed_sd, seeds, n)
+    assert round(mdd, 2) == expected
+
+
+def test_minimum_detectable_difference_needs_two_seeds():
+    with pytest.raises(ValueError, match="2 seeds"):
+        minimum_detectable_difference(20.0, 4.0, 1, 1024)
+
+
 def test_doctests():
     failed, attempted = doctest.testmod(hcm.stats)
-    assert attempted >= 6 and failed == 0
+    assert attempted >= 11 and failed == 0

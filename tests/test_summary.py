@@ -13,12 +13,16 @@ from hcm.stats import difference_interval, wilson_interval
 from hcm.summary import curve_panels, read_stage, to_markdown, write_summary
 
 DIMS = dict(zip(DIMENSIONS, (40.0, 50.0, 60.0, 70.0), strict=True))
+SIZES = {"N": 10.0, "1": 40.0, "2": 30.0, "3": 10.0, "4": 5.0, "invalid": 5.0}
 
 
 def scores(prefix: str, overall: float, count: int = 100) -> dict[str, float]:
     m = {"overall": overall, "count": count, "exact_match": overall / 2, "mean_dpa": overall / 3}
     m |= {"valid_rate": 90.0, "random_baseline": 34.0, **DIMS}
     m |= {f"random_baseline/{d}": 30.0 + i for i, d in enumerate(DIMENSIONS)}
+    m |= {"judgement/balanced": overall - 5, "judgement/left_out_unacceptable": overall}
+    m |= {"judgement/kept_acceptable": overall - 10, "verdicts_stated": 80.0, "faithful": 75.0}
+    m |= {f"answer_size/{k}": v for k, v in SIZES.items()}
     return {prefix + k: v for k, v in m.items()}
 
 
@@ -40,11 +44,17 @@ def train_stage(run: Path, name: str, kind: str, metrics: dict, log: list[dict] 
     return folder
 
 
-def eval_stage(run: Path, name: str, model: Path, metrics: dict) -> Path:
+def eval_stage(
+    run: Path, name: str, model: Path, metrics: dict, right: dict[str, bool] | None = None
+) -> Path:
+    """An evaluation folder; with `right` (id -> correct), its predictions.jsonl."""
     folder = run / "stages" / name
     folder.mkdir(parents=True)
     payload = {"metrics": metrics, "model": str(model), "split": "test"}
     (folder / "metrics.json").write_text(json.dumps(payload))
+    if right is not None:
+        rows = [json.dumps({"id": i, "correct": c}) for i, c in right.items()]
+        (folder / "predictions.jsonl").write_text("\n".join(rows) + "\n")
     return folder
 
 
@@ -81,6 +91,12 @@ def test_summary_rows_intervals_and_deltas(run, capsys):
         assert (row["overall"], row["count"], row["exact_match"]) == (overall, 100, overall / 2)
         assert (row["mean_dpa"], row["valid_rate"]) == (overall / 3, 90.0)
         assert {d: row[d] for d in DIMENSIONS} == DIMS
+        assert row["judgement"] == {
+            "balanced": overall - 5,
+            "left_out_unacceptable": overall,
+            "kept_acceptable": overall - 10,
+        }
+        assert (row["verdicts_stated"], row["faithful"], row["answer_size"]) == (80.0, 75.0, SIZES)
         lo, hi = wilson_interval(overall, 100)
         assert row["overall_ci"] == pytest.approx([100 * lo, 100 * hi])
     assert stages["sft"]["kind"] == "sft" and stages["eval"]["kind"] == "eval"
@@ -90,6 +106,7 @@ def test_summary_rows_intervals_and_deltas(run, capsys):
     delta = stages["grpo"]["delta_vs_previous"]
     assert delta["stage"] == "sft" and delta["overall"] == pytest.approx(100 * d)
     assert delta["overall_ci"] == pytest.approx([100 * lo, 100 * hi])
+    assert delta["interval"] == "unpaired"  # a validation writes no predictions
     # the evaluation scored the GRPO model: compared with SFT, not with GRPO's own validation
     assert stages["eval"]["delta_vs_previous"]["stage"] == "sft"
     assert stages["eval"]["delta_vs_previous"]["overall"] == pytest.approx(12.0)
@@ -101,10 +118,13 @@ def test_summary_rows_intervals_and_deltas(run, capsys):
     lines = table.splitlines()
     assert lines[2].startswith("| Random | - | 34.00 | 16 |")
     assert lines[3].startswith(
-        "| sft | sft, last validation | 50.00 [40.38, 59.62] | 100 | 25.00 |"
+        "| sft | sft, last validation | 50.00 [40.38, 59.62] | 100 | 25.00 | 45.00 | 75.00 |"
     )
     assert lines[5].startswith("| eval | test of grpo | 62.00 [")
-    assert lines[4].endswith("| +10.00 [-3.79, +23.39] vs sft |")
+    assert lines[4].endswith("| +10.00 [-3.79, +23.39] vs sft (unpaired) |")
+    sizes = table.split("(% of answers):\n\n")[1].splitlines()
+    assert sizes[0] == "| Stage | N | 1 | 2 | 3 | 4 | invalid | CoT states all four verdicts |"
+    assert sizes[2] == "| sft | 10.00 | 40.00 | 30.00 | 10.00 | 5.00 | 5.00 | 80.00 |"
     assert (run / "summary.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -144,12 +164,15 @@ def test_table_without_earlier_stage_has_no_delta():
         "stages": {
             "eval": {"kind": "eval", "model": "/m", "overall": 0.0, "overall_ci": [0.0, 19.36],
                      "count": 16, "exact_match": 0.0, "mean_dpa": 0.0, "valid_rate": 0.0,
-                     **dict.fromkeys(DIMENSIONS, 0.0)},
+                     **dict.fromkeys(DIMENSIONS, 0.0), "judgement": {"balanced": 50.0},
+                     "faithful": None, "verdicts_stated": 0.0, "answer_size": SIZES},
         },
     }  # fmt: skip
     last = to_markdown(summary).splitlines()[-1]
-    assert last == "| eval | test of m | 0.00 [0.00, 19.36] | 16 | 0.00 | 0.00 | 0.00 | " + (
-        "0.00 | 0.00 | 0.00 | 0.00 | - |"
+    assert last == "| eval | 10.00 | 40.00 | 30.00 | 10.00 | 5.00 | 5.00 | 0.00 |"
+    row = to_markdown(summary).split("\n\n")[0].splitlines()[-1]
+    assert row == "| eval | test of m | 0.00 [0.00, 19.36] | 16 | 0.00 | 50.00 | n/a | 0.00 | " + (
+        "0.00 | 0.00 | 0.00 | 0.00 | 0.00 | - |"
     )
 
 
@@ -166,4 +189,36 @@ def test_a_dimension_without_samples_gets_no_score(tmp_path):
     assert summary["random_baseline_dimensions"][absent] is None
     assert all(summary["stages"]["eval"][d] is not None for d in present)
     random_row = to_markdown(summary).splitlines()[2].split(" | ")
-    assert random_row[7] == "n/a" and random_row[8] == "31.00"
+    assert random_row[9] == "n/a" and random_row[10] == "31.00"
+
+
+def test_two_evaluations_of_the_same_samples_are_paired(tmp_path):
+    """SFT right on ids 0-49, GRPO on 5-64: 5 samples only SFT got right, 15 only GRPO."""
+    run = tmp_path / "run"
+    ids = [f"t{i:03d}" for i in range(100)]
+    sft = {i: k < 50 for k, i in enumerate(ids)}
+    grpo = {i: 5 <= k < 65 for k, i in enumerate(ids)}
+    metrics = scores("test/score/", 50.0)
+    del metrics["test/score/faithful"]  # no CoT stated all four verdicts: the metric has none
+    eval_stage(run, "sft_eval", run / "sft", metrics, sft)
+    eval_stage(run, "grpo_eval", run / "grpo", scores("test/score/", 60.0), grpo)
+    # a third model whose predictions hold other ids: the unpaired interval, labelled so
+    other = {f"x{k}": k < 60 for k in range(100)}
+    eval_stage(run, "other_eval", run / "other", scores("test/score/", 60.0), other)
+    summary = write_summary(run, ["sft_eval", "grpo_eval", "other_eval"])
+    stages = summary["stages"]
+    assert stages["sft_eval"]["faithful"] is None
+    delta = stages["grpo_eval"]["delta_vs_previous"]
+    # Bonett-Price on b = 5, c = 15 of 100 (tests/test_stats.py): [+0.99, +18.61]
+    assert (delta["stage"], delta["interval"], delta["discordance"]) == ("sft_eval", "paired", 20.0)
+    assert delta["overall"] == pytest.approx(10.0)
+    assert delta["overall_ci"] == pytest.approx([0.99424, 18.6136], abs=1e-3)
+    unpaired = stages["other_eval"]["delta_vs_previous"]
+    _, lo, hi = difference_interval(60, 100, 60, 100)
+    assert (unpaired["stage"], unpaired["interval"]) == ("grpo_eval", "unpaired")
+    assert unpaired["overall_ci"] == pytest.approx([100 * lo, 100 * hi])
+    assert "discordance" not in unpaired
+    lines = (run / "summary.md").read_text().splitlines()
+    assert lines[3].split(" | ")[6] == "n/a"  # faithful of sft_eval
+    assert lines[4].endswith("| +10.00 [+0.99, +18.61] vs sft_eval (paired, 20.00% discordant) |")
+    assert lines[5].endswith(" vs grpo_eval (unpaired) |")
