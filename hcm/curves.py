@@ -4,30 +4,64 @@ Used by the sweep report (every run's GRPO reward and KL; each row's score per s
 and interval, and its reward per epoch) and by a pipeline's summary (SFT loss, GRPO reward and KL,
 held-out score per epoch). A panel without data is left out; without
 matplotlib (`pip install matplotlib`) there is no figure, with a warning.
+
+A stage's log is `<stage>/csv/metrics.csv` and the parts earlier runs of the stage left beside it
+(hcm.runtime.keep_csv renames the file at each resume): every reader goes through `read_log`,
+which joins them.
 """
 
 from __future__ import annotations
 
 import csv
 import logging
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 log = logging.getLogger(__name__)
 
+# metrics-<time>[-n].csv: the time the part was last written, n counting parts kept in one second
+KEPT_PART = re.compile(r"metrics-(\d{8}-\d{6})(?:-(\d+))?\.csv")
+
+
+def log_parts(log: Path) -> list[Path]:
+    """The files of one stage's CSV log (its `csv/metrics.csv`) in the order they were written:
+    the parts kept at each resume, oldest first, then metrics.csv; [] when there is no log."""
+    log = Path(log)
+    kept = []
+    for path in log.parent.glob("metrics-*.csv"):
+        if match := KEPT_PART.fullmatch(path.name):
+            kept.append((match.group(1), int(match.group(2) or 0), path))
+    return [path for *_, path in sorted(kept)] + ([log] if log.is_file() else [])
+
+
+def read_log(log: Path) -> list[dict[str, str]]:
+    """The rows of one stage's CSV log over all its parts, in order. A resumed run redoes the
+    steps since its checkpoint and logs them again: from a part's first step on, its rows
+    replace the earlier parts' (the later part wins)."""
+    rows: list[dict[str, str]] = []
+    for part in log_parts(log):
+        with part.open() as f:
+            new = list(csv.DictReader(f))
+        steps = [float(r["step"]) for r in new if r.get("step")]
+        if steps:
+            first = min(steps)
+            rows = [r for r in rows if not r.get("step") or float(r["step"]) < first]
+        rows += new
+    return rows
+
 
 def read_curve(
-    paths: Path | Sequence[Path], key: str, x: str = "step"
+    logs: Path | Sequence[Path], key: str, x: str = "step"
 ) -> tuple[list[float], list[float]]:
-    """(x values, `key` values) of the rows that log `key`, over one metrics.csv or several (a
+    """(x values, `key` values) of the rows that log `key`, over one stage's log or several (a
     GRPO run in two pipeline stages: the epochs before the switch, then the rest), in x order."""
     points: list[tuple[float, float]] = []
-    for path in [paths] if isinstance(paths, str | Path) else paths:
-        with Path(path).open() as f:
-            for record in csv.DictReader(f):
-                if record.get(key) not in (None, ""):
-                    points.append((float(record.get(x) or len(points)), float(record[key])))
+    for path in [logs] if isinstance(logs, str | Path) else logs:
+        for record in read_log(Path(path)):
+            if record.get(key) not in (None, ""):
+                points.append((float(record.get(x) or len(points)), float(record[key])))
     points.sort(key=lambda p: p[0])  # stable: rows of one x keep their order
     return [p[0] for p in points], [p[1] for p in points]
 

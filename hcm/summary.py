@@ -12,7 +12,8 @@ Each score carries its Wilson 95% interval (hcm.stats). A stage is compared with
 earlier row that scored another model on the same held-out samples (same split and count):
 GRPO against the SFT model it started from, the final evaluation against the last SFT stage
 (skipping the GRPO row, which scored the same model). The curves come from each stage's CSV
-logger file (`csv/metrics.csv`); without the CSV logger there is no figure.
+logger files (`csv/metrics.csv` and the parts a resume kept, read as one by hcm.curves.read_log);
+without the CSV logger there is no figure.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from hcm.curves import Panel, draw, read_curve
+from hcm.curves import Panel, draw, log_parts, read_curve
 from hcm.data.hard_cases import HardCaseSet
 from hcm.files import atomic_write_text
 from hcm.screening import DIMENSIONS
@@ -187,9 +188,8 @@ def _chained(folders: list[tuple[str, Path]], key: str, x: str) -> list[tuple[st
 def curve_panels(folders: list[Path], baseline: float | None) -> list[Panel]:
     """SFT loss and GRPO reward and KL per step, the held-out score per epoch (all training
     stages, end to end), each from the stages' CSV logs."""
-    logs = {
-        f.name: f / "csv" / "metrics.csv" for f in folders if (f / "csv" / "metrics.csv").is_file()
-    }
+    logs = {f.name: f / "csv" / "metrics.csv" for f in folders}
+    logs = {name: log for name, log in logs.items() if log_parts(log)}
     kinds = {}
     for f in folders:
         if (f / "stage.json").is_file():
