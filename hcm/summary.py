@@ -174,14 +174,31 @@ def to_markdown(summary: dict[str, Any]) -> str:
     return "\n".join(lines) + ("\n\nMining: " + "; ".join(notes) if notes else "") + "\n"
 
 
-def _chained(folders: list[tuple[str, Path]], key: str, x: str) -> list[tuple[str, list, list]]:
-    """One series per stage, shifted so that each starts where the previous one ended."""
-    series, offset = [], 0.0
-    for name, path in folders:
+def continued(markers: dict[Path, dict]) -> dict[str, str]:
+    """stage -> the stage whose checkpoint it continued, from the stages' folders and stage.json
+    (`init_ckpt`, set by a pipeline's continue_from: <stage>/checkpoints/last.ckpt)."""
+    names = {f.resolve(): f.name for f in markers}
+    found = {}
+    for f, marker in markers.items():
+        ckpt = marker.get("init_ckpt")
+        if ckpt and (prefix := names.get(Path(ckpt).parent.parent.resolve())):
+            found[f.name] = prefix
+    return found
+
+
+def _chained(
+    logs: list[tuple[str, Path]], key: str, x: str, continues: dict[str, str]
+) -> list[tuple[str, list, list]]:
+    """One series per stage, shifted so that each starts where the previous one ended. A stage
+    that continued another's checkpoint logs on from that stage's restored step and epoch: it
+    takes that stage's shift, so its curve follows on it rather than past its length again."""
+    series, shifts, end = [], {}, 0.0
+    for name, path in logs:
+        shift = shifts[name] = shifts.get(continues.get(name), end)
         xs, ys = read_curve(path, key, x)
         if ys:
-            series.append((name, [v + offset for v in xs], ys))
-            offset += max(xs) + 1
+            series.append((name, [v + shift for v in xs], ys))
+            end = max(end, shift + max(xs) + 1)
     return series
 
 
@@ -190,26 +207,33 @@ def curve_panels(folders: list[Path], baseline: float | None) -> list[Panel]:
     stages, end to end), each from the stages' CSV logs."""
     logs = {f.name: f / "csv" / "metrics.csv" for f in folders}
     logs = {name: log for name, log in logs.items() if log_parts(log)}
-    kinds = {}
-    for f in folders:
-        if (f / "stage.json").is_file():
-            kinds[f.name] = json.loads((f / "stage.json").read_text()).get("kind")
+    markers = {
+        f: json.loads((f / "stage.json").read_text())
+        for f in folders
+        if (f / "stage.json").is_file()
+    }
+    kinds = {f.name: marker.get("kind") for f, marker in markers.items()}
     sft = [(n, p) for n, p in logs.items() if kinds.get(n) == "sft"]
     grpo = [(n, p) for n, p in logs.items() if kinds.get(n) == "grpo"]
     trained = [(n, p) for n, p in logs.items() if n in kinds]
+    continues = continued(markers)
     hline = ("random", baseline) if baseline is not None else None
     return [
         Panel(
-            "SFT loss (train/loss)", "step, stage after stage", _chained(sft, "train/loss", "step")
+            "SFT loss (train/loss)",
+            "step, stage after stage",
+            _chained(sft, "train/loss", "step", continues),
         ),
         Panel(
-            "GRPO reward (train/reward/total)", "step", _chained(grpo, "train/reward/total", "step")
+            "GRPO reward (train/reward/total)",
+            "step",
+            _chained(grpo, "train/reward/total", "step", continues),
         ),
-        Panel("GRPO KL (train/kl)", "step", _chained(grpo, "train/kl", "step")),
+        Panel("GRPO KL (train/kl)", "step", _chained(grpo, "train/kl", "step", continues)),
         Panel(
             "held-out score (val/score/overall)",
             "epoch, stage after stage",
-            _chained(trained, "val/score/overall", "epoch"),
+            _chained(trained, "val/score/overall", "epoch", continues),
             hline,
         ),
     ]
