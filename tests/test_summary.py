@@ -161,6 +161,33 @@ def test_a_continued_stage_follows_on_the_stage_it_continued(tmp_path):
     assert held_out == {"sft": [0.0], "grpo_all": [1.0, 2.0], "grpo": [3.0, 4.0]}
 
 
+@pytest.mark.parametrize(("composition", "switch"), [("all_plus_hard", 8.0), ("all", None)])
+def test_the_reward_panel_has_epoch_means_and_the_switch(tmp_path, composition, switch):
+    """Over the per-step reward: each epoch's mean at its middle step, and a line where the
+    hard cases start (the first step of data.switch_epoch; none when the data stays `all`)."""
+    run = tmp_path / "run"
+    data = {"eval_split": "test", "switch_epoch": 2}
+    first = train_stage(
+        run, "grpo_all", "grpo", {}, grpo_log(range(8), per_epoch=4), config={"data": data}
+    )
+    data = {**data, "composition": composition}
+    ckpt = str(first / "checkpoints" / "last.ckpt")
+    log = grpo_log(range(8, 16), per_epoch=4)
+    train_stage(run, "grpo", "grpo", {}, log, init_ckpt=ckpt, config={"data": data})
+    (reward,) = [p for p in curve_panels([first, run / "stages" / "grpo"], None) if p.trends]
+    assert reward.title.startswith("GRPO reward")
+    assert [(name, xs) for name, xs, _ in reward.trends] == [
+        ("grpo_all", [1.5, 5.5]),
+        ("grpo", [9.5, 13.5]),
+    ]
+    assert [ys for _, _, ys in reward.trends] == [
+        pytest.approx([0.15, 0.55]),
+        pytest.approx([0.95, 1.35]),
+    ]
+    want = None if switch is None else (f"switch epoch 2: {composition}", switch)
+    assert reward.vline == want
+
+
 def test_no_logs_no_figure_and_no_scores_no_summary(tmp_path):
     run = tmp_path / "run"
     train_stage(run, "sft", "sft", scores("val/score/", 50.0))  # no CSV log
