@@ -27,6 +27,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
+from hcm.curves import log_parts
 from hcm.stats import mean_interval, paired_interval, wilson_interval
 
 log = logging.getLogger(__name__)
@@ -74,7 +75,7 @@ class Run:
             if not trained.get("init_ckpt"):
                 break
             scored = Path(trained["init_ckpt"]).parent.parent  # <stage>/checkpoints/last.ckpt
-        return [p for p in logs if p.is_file()] or None
+        return [p for p in logs if log_parts(p)] or None
 
     def score(self, column: str) -> float | None:
         value = self.payload["metrics"].get(PREFIX + column)

@@ -1,14 +1,18 @@
 """What the entry points print around the work: stage banners, no known-harmless third-party
 chatter, and the project's own errors as one line.
 
-`install()` (train.py and eval.py call it before anything else) hides, at this one place, the
-warnings and log lines listed in HARMLESS_WARNINGS and HARMLESS_LOGS, each with the reason it is
-harmless here; any other warning is still shown. `one_line_errors()` wraps a Hydra task: an error
-the project raises itself about a config value or an input (a ConfigError, a bad record, a
-missing file or checkpoint) prints `error: <message>` on stderr and exits with status 2, without
-a Python traceback. Errors raised elsewhere are bugs or a library's failure: they keep Hydra's
-traceback. `HYDRA_FULL_ERROR=1` shows the full traceback for every error, as Hydra does for its
-own; a multirun job's error is left to Hydra, which records the failed job and runs the others.
+`install()` (train.py, eval.py and `python -m hcm.bench` call it before anything else) hides, at
+this one place, the warnings and log lines listed in HARMLESS_WARNINGS and HARMLESS_LOGS and
+transformers' progress bars, each with the reason it is harmless here; any other warning is still
+shown. Lightning's model-summary table is printed, not logged: it is switched off where the
+Trainer is configured (`enable_model_summary` in conf/trainer/default.yaml).
+
+`one_line_errors()` wraps a Hydra task: an error the project raises itself about a config value
+or an input (a ConfigError, a bad record, a missing file or checkpoint) prints `error: <message>`
+on stderr and exits with status 2, without a Python traceback. Errors raised elsewhere are bugs
+or a library's failure: they keep Hydra's traceback. `HYDRA_FULL_ERROR=1` shows the full
+traceback for every error, as Hydra does for its own; a multirun job's error is left to Hydra,
+which records the failed job and runs the others.
 """
 
 from __future__ import annotations
@@ -21,6 +25,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import huggingface_hub.utils
+import transformers.utils.logging
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
 from hydra.types import RunMode
@@ -49,6 +55,11 @@ HARMLESS_WARNINGS: tuple[tuple[type[Warning], str], ...] = (
     (Warning, r"The dirpath has changed from .* therefore `best_model_score`"),
     # a rerun's CSV logger: hcm.runtime.keep_csv has kept the earlier metrics.csv beside it
     (Warning, r"Experiment logs directory .* exists and is not empty"),
+    # transformers 5 renamed gradient to activation checkpointing; the old names work until v6
+    # (pyproject keeps transformers < 5.24). TRL 1.16 (the benchmark's reference side, pinned)
+    # calls them, and its GRPOConfig gets `gradient_checkpointing`, the name every transformers
+    # release we accept knows
+    (FutureWarning, r"`(is_)?gradient_checkpointing\w*` is deprecated and will be removed in v6"),
 )
 # logger name -> starts of the INFO lines it writes that say nothing about this run
 HARMLESS_LOGS: dict[str, tuple[str, ...]] = {
@@ -57,7 +68,10 @@ HARMLESS_LOGS: dict[str, tuple[str, ...]] = {
         "TPU available: False",  # hardware the machine does not have
         "HPU available: False",
         "Loading `train_dataloader` to estimate number of stepping batches.",
+        "GPU available: False, used: False",  # a CPU machine: nothing to choose or to miss
     ),
+    # every stage sets the seed of its config (stage.json keeps it)
+    "lightning.fabric.utilities.seed": ("Seed set to",),
 }
 
 
@@ -78,6 +92,13 @@ def install() -> None:
         logger = logging.getLogger(name)
         if not any(isinstance(f, _DropLines) for f in logger.filters):
             logger.addFilter(_DropLines(starts))
+    # transformers' bars for reading and writing weights ("Loading weights", "Writing model
+    # shards") print two lines per model a stage loads or exports; hcm.model.loading logs what
+    # it loaded. huggingface_hub's download bars (minutes for a model's first run) stay on.
+    downloads_shown = not huggingface_hub.utils.are_progress_bars_disabled()
+    transformers.utils.logging.disable_progress_bar()  # (turns the hub's bars off too)
+    if downloads_shown:
+        huggingface_hub.utils.enable_progress_bars()
 
 
 def banner(title: str, init_model: str, output_dir: str) -> None:

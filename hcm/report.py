@@ -44,7 +44,7 @@ from hcm.aggregate import (
     table_csv,
 )
 from hcm.config import wandb_offline
-from hcm.curves import Panel, draw, read_curve
+from hcm.curves import Panel, draw, log_parts, read_curve
 from hcm.data.hard_cases import HardCaseSet
 
 log = logging.getLogger(__name__)
@@ -88,6 +88,11 @@ def _override_items(overrides: Iterable[str]) -> dict[str, str]:
     return items
 
 
+def _header(path: Path) -> str:
+    with path.open() as f:
+        return f.readline()
+
+
 def read_job(job_dir: Path) -> Job:
     hydra = OmegaConf.load(job_dir / ".hydra" / "hydra.yaml").hydra
     identity = {k: str(v) for k, v in (hydra.runtime.choices or {}).items() if v is not None}
@@ -105,7 +110,7 @@ def read_job(job_dir: Path) -> Job:
             hard, easy = len(cases.hard_ids), len(cases.easy_ids)
             counts = {"hard": hard, "easy": easy, "all": hard + easy}
         log_csv = stage / "csv" / "metrics.csv"
-        if log_csv.is_file() and CURVES[0][0] in log_csv.open().readline():
+        if any(CURVES[0][0] in _header(part) for part in log_parts(log_csv)):
             curves.append(log_csv)
     return Job(job_dir.name, identity, evals, counts, curves or None, job_dir)
 

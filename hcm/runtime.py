@@ -51,7 +51,8 @@ def wandb_disabled() -> bool:
 
 def keep_csv(folder: Path) -> None:
     """Lightning's CSVLogger deletes an existing metrics.csv: a rerun (a resume) would lose the
-    first run's rows. Keep them as metrics-<time>.csv beside the new file."""
+    first run's rows. Keep them as metrics-<time>.csv beside the new file (hcm.curves.read_log
+    reads the parts as one log)."""
     old = folder / "metrics.csv"
     if old.is_file() and rank_zero_only.rank == 0:  # DDP: every rank makes its loggers
         stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(old.stat().st_mtime))

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from hcm.aggregate import Run, markdown_table
-from hcm.curves import Panel, Points, draw, read_curve
+from hcm.curves import Panel, Points, draw, per_epoch, read_curve
 from hcm.data.manifest import manifest_hash
 from hcm.data.synthetic.render import FAMILIES
 from hcm.gallery import read_predictions
@@ -88,18 +88,6 @@ def detection_counts(
                 tally[0] += int(right)
                 tally[1] += 1
     return counts
-
-
-def per_epoch(epochs: Sequence[float], values: Sequence[float]) -> dict[int, float]:
-    """The mean of the values logged in each epoch.
-
-    >>> per_epoch([0, 0, 1, 1, 1], [0.25, 0.75, 1.0, 0.5, 0.0])
-    {0: 0.5, 1: 0.5}
-    """
-    sums: dict[int, list[float]] = {}
-    for e, v in zip(epochs, values, strict=True):
-        sums.setdefault(int(e), []).append(v)
-    return {e: sum(vs) / len(vs) for e, vs in sums.items()}
 
 
 def mean_over_runs(curves: Sequence[Mapping[int, float]]) -> dict[int, float]:

@@ -17,8 +17,10 @@ and its interval Bonett and Price's paired one, with the discordance (the share 
 exactly one of the two got right). Otherwise (a training stage's validation writes no
 predictions) it is the interval of two independent scores, labelled "unpaired".
 Beside the section-5.1 score each row has hcm.judgement's balanced per-candidate score,
-faithfulness and answer-size distribution. The curves come from each stage's CSV logger file
-(`csv/metrics.csv`); without the CSV logger there is no figure.
+faithfulness and answer-size distribution. The GRPO reward panel draws each epoch's mean over
+the per-step line and marks the switch epoch. The curves come from each stage's CSV logger files
+(`csv/metrics.csv` and the parts a resume kept, read as one by hcm.curves.read_log); without the
+CSV logger there is no figure.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from hcm.curves import Panel, draw, read_curve
+from hcm.curves import Panel, draw, log_parts, per_epoch, read_points
 from hcm.data.hard_cases import HardCaseSet
 from hcm.files import atomic_write_text
 from hcm.gallery import PREDICTIONS, read_predictions
@@ -221,43 +223,98 @@ def to_markdown(summary: dict[str, Any]) -> str:
     )
 
 
-def _chained(folders: list[tuple[str, Path]], key: str, x: str) -> list[tuple[str, list, list]]:
-    """One series per stage, shifted so that each starts where the previous one ended."""
-    series, offset = [], 0.0
-    for name, path in folders:
-        xs, ys = read_curve(path, key, x)
-        if ys:
-            series.append((name, [v + offset for v in xs], ys))
-            offset += max(xs) + 1
+def continued(markers: dict[Path, dict]) -> dict[str, str]:
+    """stage -> the stage whose checkpoint it continued, from the stages' folders and stage.json
+    (`init_ckpt`, set by a pipeline's continue_from: <stage>/checkpoints/last.ckpt)."""
+    names = {f.resolve(): f.name for f in markers}
+    found = {}
+    for f, marker in markers.items():
+        ckpt = marker.get("init_ckpt")
+        if ckpt and (prefix := names.get(Path(ckpt).parent.parent.resolve())):
+            found[f.name] = prefix
+    return found
+
+
+Series = list[tuple[str, list[float], list[float], list[float]]]  # stage, x, y, each y's epoch
+
+
+def _chained(logs: list[tuple[str, Path]], key: str, x: str, continues: dict[str, str]) -> Series:
+    """One series per stage, shifted so that each starts where the previous one ended. A stage
+    that continued another's checkpoint logs on from that stage's restored step and epoch: it
+    takes that stage's shift, so its curve follows on it rather than past its length again."""
+    series, shifts, end = [], {}, 0.0
+    for name, path in logs:
+        shift = shifts[name] = shifts.get(continues.get(name), end)
+        points = read_points(path, key, (x, "epoch"))
+        if points:
+            xs = [p[0] + shift for p in points]
+            series.append((name, xs, [p[2] for p in points], [p[1] for p in points]))
+            end = max(end, max(xs) + 1)
     return series
+
+
+def _lines(series: Series) -> list[tuple[str, list[float], list[float]]]:
+    return [(name, xs, ys) for name, xs, ys, _ in series]
+
+
+def epoch_means(series: Series) -> list[tuple[str, list[float], list[float]]]:
+    """Per stage, each epoch's mean value at the epoch's mean x: the trend a per-step reward's
+    noise hides."""
+    return [
+        (name, list(per_epoch(epochs, xs).values()), list(per_epoch(epochs, ys).values()))
+        for name, xs, ys, epochs in series
+    ]
+
+
+def switch_line(series: Series, configs: dict[str, dict]) -> tuple[str, float] | None:
+    """Where GRPO's data schedule switches (`data.switch_epoch`: HCM's hard cases start there):
+    the first x of that epoch in the first stage that trains past it on another composition
+    than `all` (with `all`, nothing changes there)."""
+    for name, xs, _, epochs in series:
+        data = configs.get(name, {}).get("data") or {}
+        switch, composition = data.get("switch_epoch"), data.get("composition", "all")
+        after = [x for x, epoch in zip(xs, epochs, strict=True) if epoch >= (switch or 0)]
+        if switch is not None and composition != "all" and after:
+            return f"switch epoch {switch}: {composition}", min(after)
+    return None
 
 
 def curve_panels(folders: list[Path], baseline: float | None) -> list[Panel]:
     """SFT loss and GRPO reward and KL per step, the held-out score per epoch (all training
     stages, end to end), each from the stages' CSV logs."""
-    logs = {
-        f.name: f / "csv" / "metrics.csv" for f in folders if (f / "csv" / "metrics.csv").is_file()
+    logs = {f.name: f / "csv" / "metrics.csv" for f in folders}
+    logs = {name: log for name, log in logs.items() if log_parts(log)}
+    markers = {
+        f: json.loads((f / "stage.json").read_text())
+        for f in folders
+        if (f / "stage.json").is_file()
     }
-    kinds = {}
-    for f in folders:
-        if (f / "stage.json").is_file():
-            kinds[f.name] = json.loads((f / "stage.json").read_text()).get("kind")
+    kinds = {f.name: marker.get("kind") for f, marker in markers.items()}
+    configs = {f.name: marker.get("config") or {} for f, marker in markers.items()}
     sft = [(n, p) for n, p in logs.items() if kinds.get(n) == "sft"]
     grpo = [(n, p) for n, p in logs.items() if kinds.get(n) == "grpo"]
     trained = [(n, p) for n, p in logs.items() if n in kinds]
+    continues = continued(markers)
     hline = ("random", baseline) if baseline is not None else None
+    reward = _chained(grpo, "train/reward/total", "step", continues)
     return [
         Panel(
-            "SFT loss (train/loss)", "step, stage after stage", _chained(sft, "train/loss", "step")
+            "SFT loss (train/loss)",
+            "step, stage after stage",
+            _lines(_chained(sft, "train/loss", "step", continues)),
         ),
         Panel(
-            "GRPO reward (train/reward/total)", "step", _chained(grpo, "train/reward/total", "step")
+            "GRPO reward (train/reward/total)",
+            "step",
+            _lines(reward),
+            trends=epoch_means(reward),
+            vline=switch_line(reward, configs),
         ),
-        Panel("GRPO KL (train/kl)", "step", _chained(grpo, "train/kl", "step")),
+        Panel("GRPO KL (train/kl)", "step", _lines(_chained(grpo, "train/kl", "step", continues))),
         Panel(
             "held-out score (val/score/overall)",
             "epoch, stage after stage",
-            _chained(trained, "val/score/overall", "epoch"),
+            _lines(_chained(trained, "val/score/overall", "epoch", continues)),
             hline,
         ),
     ]

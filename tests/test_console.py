@@ -30,11 +30,19 @@ def test_harmless_warnings_hidden_others_shown():
             UserWarning,
             stacklevel=1,
         )
+        for old in ("gradient_checkpointing", "is_gradient_checkpointing"):  # TRL's, in the bench
+            new = old.replace("gradient", "activation")
+            message = f"`{old}` is deprecated and will be removed in v6. Use `{new}` instead."
+            warnings.warn(message, FutureWarning, stacklevel=1)
         warnings.warn("something nobody has seen before", UserWarning, stacklevel=1)
         warnings.warn("`isinstance(x, Y)` is deprecated", FutureWarning, stacklevel=1)
+        warnings.warn(
+            "`use_cache` is deprecated and will be removed in v6", FutureWarning, stacklevel=1
+        )
     assert [str(w.message) for w in seen] == [
         "something nobody has seen before",
         "`isinstance(x, Y)` is deprecated",
+        "`use_cache` is deprecated and will be removed in v6",
     ]
 
 
@@ -46,10 +54,30 @@ def test_harmless_log_lines_hidden_others_shown(caplog):
         logger.info("TPU available: False, using: 0 TPU cores")
         logger.info("GPU available: True (cuda), used: True")
         logger.info("TPU available: True, using: 0 TPU cores")
+        logger.info("GPU available: False, used: False")
+        logging.getLogger("lightning.fabric.utilities.seed").info("Seed set to 0")
     assert [r.getMessage() for r in caplog.records] == [
         "GPU available: True (cuda), used: True",
         "TPU available: True, using: 0 TPU cores",
     ]
+
+
+@pytest.mark.slow
+def test_a_pipelines_console_shows_banners_progress_results_and_real_warnings(tmp_path):
+    """The console of a tiny SFT -> GRPO pipeline through train.py: each stage's banner, the
+    summary and a real warning (a logging interval longer than an epoch) are there; Lightning's
+    and transformers' chatter about seeds, hardware, submodules and weight files is not."""
+    args = ["experiment=tiny_hcm", "pipeline.sft_1_2=null", "pipeline.grpo.init_from=sft_1_1"]
+    args += ["pipeline.eval=null", "trainer.limit_train_batches=2", "trainer.log_every_n_steps=50"]
+    r = run_cli(str(REPO / "train.py"), *args, f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    shown = r.stdout + r.stderr
+    assert "━━ stage 1/2: sft_1_1 (sft)" in shown and "━━ stage 2/2: grpo (grpo)" in shown
+    assert "| grpo | grpo, last validation |" in shown  # the summary table
+    assert "is smaller than the logging interval Trainer(log_every_n_steps=50)" in shown
+    chatter = ["Seed set to", "GPU available: False", "TPU available", "HPU available", "💡 Tip"]
+    chatter += ["Loading weights", "Writing model shards", "Total params", "┃ Name", "eval mode"]
+    assert [line for line in shown.splitlines() if any(c in line for c in chatter)] == []
 
 
 def raise_in_project() -> ConfigError:

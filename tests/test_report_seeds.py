@@ -14,6 +14,7 @@ from omegaconf import OmegaConf
 from test_report import make_job, make_multirun
 
 import hcm.aggregate
+import hcm.curves
 import hcm.science
 import hcm.stats
 from hcm.data.manifest import manifest_hash
@@ -307,7 +308,7 @@ def test_detection_counts(parsed, expected):
 
 
 def test_doctests():
-    for module, least in ((hcm.science, 5), (hcm.aggregate, 1)):
+    for module, least in ((hcm.science, 4), (hcm.aggregate, 1), (hcm.curves, 1)):
         failed, attempted = doctest.testmod(module)
         assert attempted >= least and failed == 0
 

@@ -26,7 +26,9 @@ def scores(prefix: str, overall: float, count: int = 100) -> dict[str, float]:
     return {prefix + k: v for k, v in m.items()}
 
 
-def train_stage(run: Path, name: str, kind: str, metrics: dict, log: list[dict] | None = None):
+def train_stage(
+    run: Path, name: str, kind: str, metrics: dict, log: list[dict] | None = None, **marker
+) -> Path:
     folder = run / "stages" / name
     folder.mkdir(parents=True)
     done = {
@@ -34,6 +36,7 @@ def train_stage(run: Path, name: str, kind: str, metrics: dict, log: list[dict] 
         "model_dir": str(folder / "model"),
         "config": {"data": {"eval_split": "test"}},
         "metrics": {"train/loss": 1.0, **metrics},
+        **marker,
     }
     (folder / "stage.json").write_text(json.dumps(done))
     if log:
@@ -140,6 +143,69 @@ def test_curves_chain_the_stages_and_skip_missing_logs(run):
     held_out = panels["held-out score"]
     assert held_out.series == [("sft", [0.0], [50.0]), ("grpo", [1.0, 2.0], [55.0, 60.0])]
     assert held_out.hline == ("random", 34.0)
+
+
+def grpo_log(steps: range, per_epoch: int) -> list[dict]:
+    """A GRPO stage's CSV rows as Lightning writes them: the steps and epochs it counted, a
+    validation at each epoch's last step."""
+    rows = [{"step": s, "epoch": s // per_epoch, "train/reward/total": 0.1 * s} for s in steps]
+    ends = [r for r in rows if r["step"] % per_epoch == per_epoch - 1]
+    return rows + [
+        {"step": r["step"], "epoch": r["epoch"], "val/score/overall": 40.0} for r in ends
+    ]
+
+
+def test_a_continued_stage_follows_on_the_stage_it_continued(tmp_path):
+    """grpo continues grpo_all's checkpoint (continue_from): Lightning restores the step and
+    epoch counters, so its log starts at grpo_all's end (step 8, epoch 2) and its curves must
+    follow on grpo_all's, not be shifted past grpo_all's length a second time. The stages are
+    links into the stage store, as in a pipeline; init_ckpt names the store's folder."""
+    store, run = tmp_path / "store", tmp_path / "run"
+    train_stage(store, "sft-1", "sft", {}, [{"step": 0, "epoch": 0, "val/score/overall": 30.0}])
+    first = train_stage(store, "grpo_all-2", "grpo", {}, grpo_log(range(8), per_epoch=4))
+    ckpt = first / "checkpoints" / "last.ckpt"
+    train_stage(
+        store, "grpo-3", "grpo", {}, grpo_log(range(8, 16), per_epoch=4), init_ckpt=str(ckpt)
+    )
+    (run / "stages").mkdir(parents=True)
+    for name, folder in (("sft", "sft-1"), ("grpo_all", "grpo_all-2"), ("grpo", "grpo-3")):
+        (run / "stages" / name).symlink_to(store / "stages" / folder)
+    folders = [run / "stages" / n for n in ("sft", "grpo_all", "grpo")]
+    panels = {p.title.split(" (")[0]: p for p in curve_panels(folders, None)}
+    reward = {name: xs for name, xs, _ in panels["GRPO reward"].series}
+    assert reward == {
+        "grpo_all": list(map(float, range(8))),
+        "grpo": list(map(float, range(8, 16))),
+    }
+    held_out = {name: xs for name, xs, _ in panels["held-out score"].series}
+    assert held_out == {"sft": [0.0], "grpo_all": [1.0, 2.0], "grpo": [3.0, 4.0]}
+
+
+@pytest.mark.parametrize(("composition", "switch"), [("all_plus_hard", 8.0), ("all", None)])
+def test_the_reward_panel_has_epoch_means_and_the_switch(tmp_path, composition, switch):
+    """Over the per-step reward: each epoch's mean at its middle step, and a line where the
+    hard cases start (the first step of data.switch_epoch; none when the data stays `all`)."""
+    run = tmp_path / "run"
+    data = {"eval_split": "test", "switch_epoch": 2}
+    first = train_stage(
+        run, "grpo_all", "grpo", {}, grpo_log(range(8), per_epoch=4), config={"data": data}
+    )
+    data = {**data, "composition": composition}
+    ckpt = str(first / "checkpoints" / "last.ckpt")
+    log = grpo_log(range(8, 16), per_epoch=4)
+    train_stage(run, "grpo", "grpo", {}, log, init_ckpt=ckpt, config={"data": data})
+    (reward,) = [p for p in curve_panels([first, run / "stages" / "grpo"], None) if p.trends]
+    assert reward.title.startswith("GRPO reward")
+    assert [(name, xs) for name, xs, _ in reward.trends] == [
+        ("grpo_all", [1.5, 5.5]),
+        ("grpo", [9.5, 13.5]),
+    ]
+    assert [ys for _, _, ys in reward.trends] == [
+        pytest.approx([0.15, 0.55]),
+        pytest.approx([0.95, 1.35]),
+    ]
+    want = None if switch is None else (f"switch epoch 2: {composition}", switch)
+    assert reward.vline == want
 
 
 def test_no_logs_no_figure_and_no_scores_no_summary(tmp_path):

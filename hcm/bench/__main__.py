@@ -3,9 +3,11 @@
 import hydra
 from omegaconf import DictConfig
 
+from hcm import console
 from hcm.bench.run import run_bench
 from hcm.config import register_resolvers
 
+console.install()
 register_resolvers()
 
 
