@@ -439,7 +439,7 @@ def test_config_rejects_bad_knobs():
 def test_write_dataset_round_trips_through_load_manifest(tmp_path, monkeypatch):
     cfg, sizes = (
         syn.SyntheticConfig(image_size=48),
-        {"train": 3, "test": 2, "pseudo_label": 2, "exploration": 1},
+        {"train": 3, "val": 2, "test": 2, "pseudo_label": 2, "exploration": 1},
     )
     assert not syn.dataset_complete(tmp_path, sizes, cfg, 7)
     manifests = syn.write_dataset(tmp_path, sizes, cfg, seed=7, progress=False)
@@ -458,6 +458,10 @@ def test_write_dataset_round_trips_through_load_manifest(tmp_path, monkeypatch):
     assert all(np.array_equal(a, np.asarray(b)) for a, b in zip(on_disk, s.images, strict=True))
     pseudo, _ = load_manifest(manifests["pseudo_label"])
     assert pseudo[0].answer is None and pseudo[0].weak_cot and pseudo[0].answer_cot is None
+    val, _ = load_manifest(manifests["val"])  # held out like test, its own samples
+    assert [r.id for r in val] == ["val-000000", "val-000001"] and val[0].answer_cot is None
+    assert val[0].answer == syn.generate_sample(cfg, 7, "val", 0).answer
+    assert not {r.original for r in val} & {r.original for r in test_records}
 
     # a write that dies half way leaves no marker, so the dataset is not taken as complete
     def boom(*args, **kwargs):
@@ -489,7 +493,7 @@ def test_cli_writes_a_dataset_and_has_help(tmp_path, capsys):
     records, _ = load_manifest(tmp_path / "train.jsonl")
     assert [r.id for r in records] == ["train-000000", "train-000001"]
     marker = json.loads((tmp_path / syn_dataset.MARKER).read_text())
-    assert marker["sizes"] == {"train": 2, "test": 1, "pseudo_label": 1, "exploration": 0}
+    assert marker["sizes"] == {"train": 2, "val": 0, "test": 1, "pseudo_label": 1, "exploration": 0}
     assert marker["config"]["image_size"] == 40
 
 

@@ -8,8 +8,9 @@ from hcm.data.synthetic.render import FAMILIES
 from hcm.data.synthetic.text import TEXT_STYLES
 
 GENERATOR_VERSION = "1"
-PAPER_SIZES = {"train": 1044, "test": 468, "pseudo_label": 10724, "exploration": 115809}
-DEFAULT_SIZES = {"train": 64, "test": 32, "pseudo_label": 64, "exploration": 0}
+# (the paper has no `val` split: its sizes leave it empty)
+PAPER_SIZES = {"train": 1044, "val": 0, "test": 468, "pseudo_label": 10724, "exploration": 115809}
+DEFAULT_SIZES = {"train": 64, "val": 0, "test": 32, "pseudo_label": 64, "exploration": 0}
 DEFAULT_FAMILY_WEIGHTS = {
     "colour": 1.0,
     "shape": 1.0,

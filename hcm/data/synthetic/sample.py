@@ -17,6 +17,7 @@ from hcm.screening import NONE_ANSWER
 # What each split keeps (paper Table 1); `meta` is kept everywhere for per-family reporting.
 SPLIT_FIELDS = {
     "train": ("answer", "caption", "answer_cot", "weak_cot"),
+    "val": ("answer", "dimensions"),  # held out like test
     "test": ("answer", "dimensions"),
     "pseudo_label": ("caption", "weak_cot"),
     "exploration": (),
