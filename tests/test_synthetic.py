@@ -3,6 +3,7 @@ statistics, texts, files, CLI and the streaming dataset."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import subprocess
@@ -35,6 +36,9 @@ from hcm.data.synthetic.scene import make_defect, sample_meta
 from hcm.screening import DIMENSIONS, OPTIONS
 
 REPO = Path(__file__).resolve().parents[1]
+CPU_GENERATOR = yaml.safe_load((REPO / "conf/data/synthetic_cpu.yaml").read_text())["synthetic"][
+    "generator"
+]
 SIZE = 112
 WALL, FLOOR, BODY = (230, 220, 200), (150, 150, 150), (30, 60, 220)
 SHADOW = shadow_color(FLOOR)
@@ -402,6 +406,95 @@ def test_compact_cot_fits_the_cpu_completion_budget():
     budget = yaml.safe_load((REPO / "conf/experiment/cpu_hcm.yaml").read_text())
     cots = [syn.generate_sample(cfg, 0, "x", i).answer_cot for i in range(300)]
     assert max(len(tok(cot).input_ids) for cot in cots) < budget["max_completion_length"]
+
+
+def _samples_digest(cfg, fields=("answer", "caption", "weak_cot", "answer_cot", "meta")):
+    """sha256 of 24 samples' images and `fields`."""
+    h = hashlib.sha256()
+    for split in ("train", "test", "pseudo_label", "x"):
+        for i in range(6):
+            s = syn.generate_sample(cfg, 3, split, i)
+            h.update(b"".join(im.tobytes() for im in s.images))
+            for f in fields:
+                value = getattr(s, f)
+                h.update((json.dumps(value, sort_keys=True) if f == "meta" else value).encode())
+    return h.hexdigest()
+
+
+def test_answer_cot_error_rate_zero_leaves_every_sample_as_before():
+    # digests of the samples made before answer_cot_error_rate existed
+    full, compact = syn.SyntheticConfig(image_size=48), syn.SyntheticConfig(**CPU_GENERATOR)
+    assert _samples_digest(full).startswith("9b0b6d1d1f90d367")
+    assert _samples_digest(compact).startswith("0d94d503b9dbd2ce")
+    # at a rate > 0 only the answer-driven CoT (and the metadata's record of it) changes
+    same = ("answer", "caption", "weak_cot")
+    noisy = syn.SyntheticConfig(**CPU_GENERATOR | {"answer_cot_error_rate": 0.5})
+    assert _samples_digest(noisy, same) == _samples_digest(compact, same)
+    assert _samples_digest(noisy, ("answer_cot",)) != _samples_digest(compact, ("answer_cot",))
+
+
+def _verdicts(cot, style):
+    """{letter: (what is said of it, acceptable?)} read off a CoT of either style."""
+    if style == "full":
+        m = COT_RE.fullmatch(cot)
+        return {
+            L: (m.group(k + 1), "matches the original" in m.group(k + 1))
+            for k, L in enumerate(OPTIONS)
+        }
+    m = COMPACT_COT_RE.fullmatch(cot)
+    said = dict(re.findall(r"([A-D]): ([a-z ,]+)\.", m.group(1)))
+    return {L: (said[L], said[L].endswith(", acceptable")) for L in OPTIONS}
+
+
+@pytest.mark.parametrize("style", ["full", "compact"])
+@pytest.mark.parametrize("rate", [0.3, 1.0])
+def test_answer_cot_errors_change_observations_never_verdicts(style, rate):
+    cfg = syn.SyntheticConfig(
+        **CPU_GENERATOR | {"text_style": style, "answer_cot_error_rate": rate}
+    )
+    bad = wrong = 0
+    kinds = set()
+    for i in range(400):
+        meta = sample_meta(cfg, 0, "train", i)
+        cot, truth = syn_text.answer_cot_text(meta, style), syn_text.TEXT_STYLES[style][1](meta)
+        assert cot.endswith(f"<answer>{answer_of(meta)}</answer>")
+        errors = {e["letter"]: e for e in meta.get("annotator", {"errors": []})["errors"]}
+        said, true = _verdicts(cot, style), _verdicts(truth, style)
+        for c in meta["candidates"]:
+            letter, families = c["letter"], [d["family"] for d in c["defects"]]
+            assert said[letter][1] == (not families)  # every verdict is the label's
+            bad += bool(families)
+            e = errors.get(letter)
+            assert (said[letter][0] != true[letter][0]) == (e is not None)  # written as recorded
+            if e is None:
+                continue
+            wrong += 1
+            kinds.add(e["kind"])
+            assert families and e["true"] == families and e["claimed"]
+            claimed = e["claimed"]
+            if e["kind"] == "misnamed":  # one family replaced by another
+                assert len(claimed) == len(families) and set(claimed) != set(families)
+            elif e["kind"] == "extra":  # one that is not there added
+                assert claimed[: len(families)] == families and len(claimed) == len(families) + 1
+            else:  # one of two defects left out
+                assert len(families) == 2 and len(claimed) == 1 and claimed[0] in families
+    assert kinds == {"misnamed", "extra", "missed"}
+    assert abs(wrong / bad - rate) < 0.05  # (every error possible with these three families)
+
+
+def test_compact_weak_cot_on_the_pseudo_label_split_is_right_at_its_accuracy():
+    cfg = syn.SyntheticConfig(**CPU_GENERATOR)  # compact texts, weak_cot_accuracy 0.38
+    assert cfg.text_style == "compact" and cfg.weak_cot_accuracy == 0.38
+    hits, n = 0, 2500
+    for i in range(n):
+        meta = sample_meta(cfg, 0, "pseudo_label", i)
+        weak = COMPACT_COT_RE.fullmatch(syn_text.weak_cot_text(meta, "compact"))
+        hits += weak.group(2) == answer_of(meta)
+    assert abs(hits / n - 0.38) < 0.03  # 3 binomial standard deviations (measured 0.380)
+    s = split_view(syn.generate_sample(cfg, 0, "pseudo_label", 0), "pseudo_label")
+    assert s.answer is None and s.answer_cot is None
+    assert COMPACT_COT_RE.fullmatch(s.weak_cot)
+    assert re.fullmatch(r"A: [a-z ,]+\. B: [a-z ,]+\. C: [a-z ,]+\. D: [a-z ,]+\.", s.caption)
 
 
 def test_text_style_is_checked():
