@@ -11,7 +11,6 @@ A crash anywhere before it leaves the stage unfinished, and the rerun resumes fr
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import json
 import logging
@@ -32,7 +31,7 @@ from hcm.checkpoints import (
     remove_temporaries,
 )
 from hcm.config import ConfigError
-from hcm.files import atomic_write_text
+from hcm.files import atomic_write_text, folder_lock, replace_folder
 
 log = logging.getLogger(__name__)
 
@@ -227,17 +226,8 @@ def claim(folder: Path) -> Iterator[None]:
     if os.environ.get("LOCAL_RANK", "0") != "0" or os.environ.get("NODE_RANK", "0") != "0":
         yield
         return
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    with open(folder.parent / f"{folder.name}.lock", "w") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            log.info("waiting for %s: another job is running this stage", folder)
-            fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+    with folder_lock(folder, "another job running this stage"):
+        yield
 
 
 def export_model(model, tokenizer, image_processor, output_dir: Path) -> Path:
@@ -249,9 +239,7 @@ def export_model(model, tokenizer, image_processor, output_dir: Path) -> Path:
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     image_processor.save_pretrained(tmp)
-    if target.exists():
-        shutil.rmtree(target)
-    tmp.rename(target)
+    replace_folder(tmp, target)
     return target
 
 

@@ -8,6 +8,8 @@ import json
 import re
 import subprocess
 import sys
+import threading
+import time
 from collections import deque
 from dataclasses import asdict
 from pathlib import Path
@@ -33,6 +35,7 @@ from hcm.data.synthetic.render import (
 )
 from hcm.data.synthetic.sample import answer_of, dimensions_of, split_view
 from hcm.data.synthetic.scene import make_defect, sample_meta
+from hcm.files import folder_lock
 from hcm.screening import DIMENSIONS, OPTIONS
 
 REPO = Path(__file__).resolve().parents[1]
@@ -556,15 +559,74 @@ def test_write_dataset_round_trips_through_load_manifest(tmp_path, monkeypatch):
     assert val[0].answer == syn.generate_sample(cfg, 7, "val", 0).answer
     assert not {r.original for r in val} & {r.original for r in test_records}
 
-    # a write that dies half way leaves no marker, so the dataset is not taken as complete
-    def boom(*args, **kwargs):
+
+def _mtimes(root):
+    return {p: p.stat().st_mtime_ns for p in sorted(root.rglob("*"))}
+
+
+def test_write_dataset_is_whole_or_absent_and_never_repeated(tmp_path, monkeypatch):
+    cfg, sizes = syn.SyntheticConfig(image_size=32), {"train": 2, "test": 1}
+    root = tmp_path / "data"
+    syn.write_dataset(root, sizes, cfg, progress=False)
+    before = _mtimes(root)
+    assert syn.dataset_complete(root, sizes, cfg, 0) and len(before) > 10
+    syn.write_dataset(root, sizes, cfg, progress=False)  # the same dataset: nothing rewritten
+    assert _mtimes(root) == before
+
+    # a write that dies half way leaves no folder under the final name, nor its temporary one
+    def boom(path, records):
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(syn_dataset, "write_manifest", boom)
-    with pytest.raises(RuntimeError):
-        syn.write_dataset(tmp_path, sizes, cfg, seed=7, progress=False)
-    assert not (tmp_path / syn_dataset.MARKER).exists()
-    assert not syn.dataset_complete(tmp_path, sizes, cfg, 7)
+    other = tmp_path / "other"
+    with monkeypatch.context() as m:
+        m.setattr(syn_dataset, "write_manifest", boom)
+        with pytest.raises(RuntimeError, match="disk full"):
+            syn.write_dataset(other, sizes, cfg, progress=False)
+        assert not other.exists() and not list(tmp_path.glob(".other.tmp-*"))
+        # nor does a rewrite of another dataset's folder that dies: the old one stays whole
+        with pytest.raises(RuntimeError, match="disk full"):
+            syn.write_dataset(root, sizes | {"train": 3}, cfg, progress=False)
+        assert _mtimes(root) == before
+    syn.write_dataset(other, sizes, cfg, progress=False)  # the next write completes
+    assert syn.dataset_complete(other, sizes, cfg, 0)
+    syn.write_dataset(root, sizes | {"train": 3}, cfg, progress=False)  # another dataset: replaced
+    assert syn.dataset_complete(root, sizes | {"train": 3}, cfg, 0)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "data",
+        "data.lock",
+        "other",
+        "other.lock",
+    ]
+
+
+def test_concurrent_write_waits_for_the_lock_then_reads_the_finished_folder(tmp_path):
+    cfg, sizes = syn.SyntheticConfig(image_size=32), {"train": 1, "test": 1}
+    root = tmp_path / "data"
+    with folder_lock(root):  # another job is writing `root`
+        waiter = threading.Thread(
+            target=syn.write_dataset, args=(root, sizes, cfg), kwargs={"progress": False}
+        )
+        waiter.start()
+        time.sleep(0.5)
+        assert waiter.is_alive() and not root.exists()
+        syn.write_dataset(tmp_path / "elsewhere", sizes, cfg, progress=False)
+        (tmp_path / "elsewhere").rename(root)  # the other job's finished folder
+        before = _mtimes(root)
+    waiter.join(timeout=60)
+    assert not waiter.is_alive() and _mtimes(root) == before  # found it finished: no rewrite
+
+
+def test_data_folder_is_named_by_what_makes_the_data(compose_cfg):
+    def root(*overrides):
+        return compose_cfg("train", ["data=synthetic_cpu", *overrides]).data.root
+
+    base = root()
+    assert base != root("data.synthetic.generator.defect_strength=0.9")
+    assert base != root("data.synthetic.seed=1") != root("data.synthetic.sizes.val=8")
+    assert base == root("data.synthetic.workers=2")  # how it is made is not what it is
+    assert base == root("data.synthetic.generator.defect_strength=1.0")  # (the cpu value)
+    sizes, cfg, seed = syn.dataset_args(compose_cfg("train", ["data=synthetic_cpu"]).data.synthetic)
+    assert base.endswith("/synthetic-cpu-" + syn.dataset_digest(sizes, cfg, seed))
 
 
 def test_write_dataset_with_workers_matches_one_process(tmp_path):

@@ -115,16 +115,14 @@ class ScreeningDataModule(L.LightningDataModule):
 
     # -- data on disk ------------------------------------------------------------------------
     def prepare_data(self) -> None:
-        """Generate the synthetic benchmark into `root` when it is configured and missing."""
+        """Generate the synthetic benchmark into `root` when it is configured and missing (a
+        concurrent job generating it is waited for: `synthetic.write_dataset`)."""
         if self.synthetic is None:
             return
-        cfg = synthetic.SyntheticConfig(**self.synthetic.get("generator", {}))
-        sizes, seed = dict(self.synthetic["sizes"]), self.synthetic.get("seed", 0)
-        if not synthetic.dataset_complete(self.root, sizes, cfg, seed):
-            log.info("generating the synthetic screening benchmark into %s", self.root)
-            synthetic.write_dataset(
-                self.root, sizes, cfg, seed, workers=self.synthetic.get("workers", 1)
-            )
+        sizes, cfg, seed = synthetic.dataset_args(self.synthetic)
+        synthetic.write_dataset(
+            self.root, sizes, cfg, seed, workers=self.synthetic.get("workers", 1)
+        )
 
     def manifest(self, split: str) -> Path:
         path = self.root / f"{split}.jsonl"
@@ -364,9 +362,10 @@ class ScreeningDataModule(L.LightningDataModule):
     def _stream(self):
         """Fresh synthetic samples every step; a new draw each epoch (docs/science.md)."""
         rank, world, epoch = self._place()
+        _, cfg, seed = synthetic.dataset_args(self.synthetic)
         stream = synthetic.SyntheticStream(
-            synthetic.SyntheticConfig(**self.synthetic.get("generator", {})),
-            seed=self.synthetic.get("seed", 0) + 1,  # never the fixed splits' samples
+            cfg,
+            seed=seed + 1,  # never the fixed splits' samples
             samples_per_epoch=self.samples_per_epoch,
             rank=rank,
             world_size=world,
