@@ -627,6 +627,8 @@ def test_data_folder_is_named_by_what_makes_the_data(compose_cfg):
     assert base == root("data.synthetic.generator.defect_strength=1.0")  # (the cpu value)
     sizes, cfg, seed = syn.dataset_args(compose_cfg("train", ["data=synthetic_cpu"]).data.synthetic)
     assert base.endswith("/synthetic-cpu-" + syn.dataset_digest(sizes, cfg, seed))
+    paper = compose_cfg("train", ["data=synthetic_cpu_paper"]).data
+    assert paper.root != base and paper.val_split == "val" and paper.eval_split == "test"
 
 
 def test_write_dataset_with_workers_matches_one_process(tmp_path):
