@@ -26,6 +26,7 @@ from omegaconf.errors import InterpolationResolutionError, MissingMandatoryValue
 
 from hcm.data.datasets import SFT_SOURCES
 from hcm.data.sampler import COMPOSITIONS
+from hcm.data.synthetic import dataset_args, dataset_digest
 from hcm.grpo_math import ADVANTAGE_SCALES, AGGREGATIONS, RATIO_LEVELS
 from hcm.mining import CORRECTNESS
 from hcm.prompts import LAYOUTS
@@ -53,14 +54,21 @@ def wandb_offline() -> bool:
 REPO_DIR = Path(__file__).resolve().parents[1]
 
 
+def synthetic_digest(node: DictConfig) -> str:
+    return dataset_digest(*dataset_args(OmegaConf.to_container(node, resolve=True)))
+
+
 def register_resolvers() -> None:
     """`${hcm.wandb_offline:}`, `${hcm.cwd:}` (the launch folder, also where Hydra's own
-    `${hydra:runtime.cwd}` is not yet set: a multirun's sweep dir) and `${hcm.repo_dir:}`
-    (this checkout, whatever the launch folder: where `sweeps/` is searched)."""
+    `${hydra:runtime.cwd}` is not yet set: a multirun's sweep dir), `${hcm.repo_dir:}`
+    (this checkout, whatever the launch folder: where `sweeps/` is searched) and
+    `${hcm.synthetic_digest:${data.synthetic}}` (a short hash of what makes a synthetic dataset:
+    its folder's name, so that configs making different data never share a folder)."""
     resolvers = {
         "hcm.wandb_offline": wandb_offline,
         "hcm.cwd": os.getcwd,
         "hcm.repo_dir": lambda: str(REPO_DIR),
+        "hcm.synthetic_digest": synthetic_digest,
     }
     for name, fn in resolvers.items():
         if not OmegaConf.has_resolver(name):

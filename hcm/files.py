@@ -1,10 +1,19 @@
-"""Writing files so that a reader never sees half of one (a crash, a concurrent reader)."""
+"""Writing files and folders so that a reader never sees half of one (a crash, a concurrent
+reader), and the lock that makes concurrent writers of a folder take turns."""
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import logging
 import os
+import shutil
 import tempfile
+import time
+from collections.abc import Iterator
 from pathlib import Path
+
+log = logging.getLogger(__name__)
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
@@ -29,3 +38,32 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def replace_folder(tmp: Path, target: Path) -> None:
+    """Put the finished folder `tmp` at `target`, replacing what is there. The old folder is
+    moved aside before it is deleted, so `target` is, at every moment, either absent, the old
+    folder or the new one: never half of either."""
+    old = target.parent / f".{target.name}.old-{time.time_ns()}"
+    if target.exists():
+        target.rename(old)
+    tmp.rename(target)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def folder_lock(folder: Path, holder: str = "another job") -> Iterator[None]:
+    """Hold `<folder>.lock` (an exclusive flock): a concurrent job that would write `folder`
+    waits here, then finds it written. The OS drops the lock when its holder dies, so a crashed
+    owner's folder is taken over at once by the next job."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with open(folder.parent / f"{folder.name}.lock", "w") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.info("waiting for %s: %s holds it", folder, holder)
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)

@@ -15,7 +15,6 @@ read (`hcm.fingerprints`): a finished stage is reused only while both match.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import json
 import logging
@@ -38,7 +37,7 @@ from hcm.checkpoints import (
 )
 from hcm.config import REPO_DIR, ConfigError
 from hcm.faults import fault_point
-from hcm.files import atomic_write_text
+from hcm.files import atomic_write_text, folder_lock, replace_folder
 from hcm.model.loading import resolve_attn_implementation, resolve_dtype
 from hcm.runtime import precision_for
 
@@ -314,17 +313,8 @@ def claim(folder: Path) -> Iterator[None]:
     if os.environ.get("LOCAL_RANK", "0") != "0" or os.environ.get("NODE_RANK", "0") != "0":
         yield
         return
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    with open(folder.parent / f"{folder.name}.lock", "w") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            log.info("waiting for %s: another job is running this stage", folder)
-            fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+    with folder_lock(folder, "another job running this stage"):
+        yield
 
 
 def export_model(model, tokenizer, image_processor, output_dir: Path) -> Path:
@@ -337,9 +327,7 @@ def export_model(model, tokenizer, image_processor, output_dir: Path) -> Path:
     tokenizer.save_pretrained(tmp)
     image_processor.save_pretrained(tmp)
     fault_point("export")
-    if target.exists():
-        shutil.rmtree(target)
-    tmp.rename(target)
+    replace_folder(tmp, target)
     return target
 
 

@@ -99,3 +99,21 @@ def test_eval_sampler_shards_every_sample_once_and_pads_last(n, world):
     unique = [list(s)[: s.unique] for s in shards]
     assert sorted(i for u in unique for i in u) == list(range(n))  # each sample exactly once
     assert all(u == list(range(rank, n, world)) for rank, u in enumerate(unique))
+
+
+def test_validation_reads_val_split_and_the_eval_stage_eval_split(datamodule):
+    dm = datamodule("data.synthetic.sizes.val=6", "data.val_split=val", "data.limit_eval=4")
+    dm.setup("fit")  # training: validation on `val`, the test split never read
+    assert sorted(dm.records) == ["train", "val"]
+    assert [r.id for r in dm.val_dataloader().dataset.records] == [f"val-{i:06d}" for i in range(4)]
+    dm.setup("test")  # an eval stage (evaluate.py: trainer.test) scores `eval_split`
+    assert [r.id for r in dm.test_dataloader().dataset.records] == [
+        f"test-{i:06d}" for i in range(4)
+    ]
+    assert dm.val_dataloader().dataset is not dm.test_dataloader().dataset
+    default = datamodule()  # val_split defaults to eval_split: validation on test, as before
+    default.setup("validate")
+    assert default.val_split == "test" and default.val_dataset.records[0].id == "test-000000"
+    empty = datamodule("data.val_split=val")  # synthetic_tiny has no val samples
+    with pytest.raises(ValueError, match=r"data\.val_split='val' has no samples"):
+        empty.setup("fit")

@@ -65,7 +65,7 @@ def test_ms_swift_template_choices_are_one_override_away(compose_cfg):
         dm.prepare_data()
         dm.setup("validate")
         builder, tok = dm.prompt_collate.builder, dm.prompt_collate.builder.tokenizer
-        prompt = tok.decode(dm.prompt_collate([dm.eval_dataset[0]])["inputs"]["input_ids"][0])
+        prompt = tok.decode(dm.prompt_collate([dm.val_dataset[0]])["inputs"]["input_ids"][0])
         conv = [[{"role": "user", "content": [{"type": "image", "image": big}]}]]
         ids = builder.encode(conv)["input_ids"]
         image_token = tok.convert_tokens_to_ids(tok.context_image_token)

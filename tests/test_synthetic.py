@@ -3,10 +3,13 @@ statistics, texts, files, CLI and the streaming dataset."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import subprocess
 import sys
+import threading
+import time
 from collections import deque
 from dataclasses import asdict
 from pathlib import Path
@@ -32,9 +35,13 @@ from hcm.data.synthetic.render import (
 )
 from hcm.data.synthetic.sample import answer_of, dimensions_of, split_view
 from hcm.data.synthetic.scene import make_defect, sample_meta
+from hcm.files import folder_lock
 from hcm.screening import DIMENSIONS, OPTIONS
 
 REPO = Path(__file__).resolve().parents[1]
+CPU_GENERATOR = yaml.safe_load((REPO / "conf/data/synthetic_cpu.yaml").read_text())["synthetic"][
+    "generator"
+]
 SIZE = 112
 WALL, FLOOR, BODY = (230, 220, 200), (150, 150, 150), (30, 60, 220)
 SHADOW = shadow_color(FLOOR)
@@ -404,6 +411,95 @@ def test_compact_cot_fits_the_cpu_completion_budget():
     assert max(len(tok(cot).input_ids) for cot in cots) < budget["max_completion_length"]
 
 
+def _samples_digest(cfg, fields=("answer", "caption", "weak_cot", "answer_cot", "meta")):
+    """sha256 of 24 samples' images and `fields`."""
+    h = hashlib.sha256()
+    for split in ("train", "test", "pseudo_label", "x"):
+        for i in range(6):
+            s = syn.generate_sample(cfg, 3, split, i)
+            h.update(b"".join(im.tobytes() for im in s.images))
+            for f in fields:
+                value = getattr(s, f)
+                h.update((json.dumps(value, sort_keys=True) if f == "meta" else value).encode())
+    return h.hexdigest()
+
+
+def test_answer_cot_error_rate_zero_leaves_every_sample_as_before():
+    # digests of the samples made before answer_cot_error_rate existed
+    full, compact = syn.SyntheticConfig(image_size=48), syn.SyntheticConfig(**CPU_GENERATOR)
+    assert _samples_digest(full).startswith("9b0b6d1d1f90d367")
+    assert _samples_digest(compact).startswith("0d94d503b9dbd2ce")
+    # at a rate > 0 only the answer-driven CoT (and the metadata's record of it) changes
+    same = ("answer", "caption", "weak_cot")
+    noisy = syn.SyntheticConfig(**CPU_GENERATOR | {"answer_cot_error_rate": 0.5})
+    assert _samples_digest(noisy, same) == _samples_digest(compact, same)
+    assert _samples_digest(noisy, ("answer_cot",)) != _samples_digest(compact, ("answer_cot",))
+
+
+def _verdicts(cot, style):
+    """{letter: (what is said of it, acceptable?)} read off a CoT of either style."""
+    if style == "full":
+        m = COT_RE.fullmatch(cot)
+        return {
+            L: (m.group(k + 1), "matches the original" in m.group(k + 1))
+            for k, L in enumerate(OPTIONS)
+        }
+    m = COMPACT_COT_RE.fullmatch(cot)
+    said = dict(re.findall(r"([A-D]): ([a-z ,]+)\.", m.group(1)))
+    return {L: (said[L], said[L].endswith(", acceptable")) for L in OPTIONS}
+
+
+@pytest.mark.parametrize("style", ["full", "compact"])
+@pytest.mark.parametrize("rate", [0.3, 1.0])
+def test_answer_cot_errors_change_observations_never_verdicts(style, rate):
+    cfg = syn.SyntheticConfig(
+        **CPU_GENERATOR | {"text_style": style, "answer_cot_error_rate": rate}
+    )
+    bad = wrong = 0
+    kinds = set()
+    for i in range(400):
+        meta = sample_meta(cfg, 0, "train", i)
+        cot, truth = syn_text.answer_cot_text(meta, style), syn_text.TEXT_STYLES[style][1](meta)
+        assert cot.endswith(f"<answer>{answer_of(meta)}</answer>")
+        errors = {e["letter"]: e for e in meta.get("annotator", {"errors": []})["errors"]}
+        said, true = _verdicts(cot, style), _verdicts(truth, style)
+        for c in meta["candidates"]:
+            letter, families = c["letter"], [d["family"] for d in c["defects"]]
+            assert said[letter][1] == (not families)  # every verdict is the label's
+            bad += bool(families)
+            e = errors.get(letter)
+            assert (said[letter][0] != true[letter][0]) == (e is not None)  # written as recorded
+            if e is None:
+                continue
+            wrong += 1
+            kinds.add(e["kind"])
+            assert families and e["true"] == families and e["claimed"]
+            claimed = e["claimed"]
+            if e["kind"] == "misnamed":  # one family replaced by another
+                assert len(claimed) == len(families) and set(claimed) != set(families)
+            elif e["kind"] == "extra":  # one that is not there added
+                assert claimed[: len(families)] == families and len(claimed) == len(families) + 1
+            else:  # one of two defects left out
+                assert len(families) == 2 and len(claimed) == 1 and claimed[0] in families
+    assert kinds == {"misnamed", "extra", "missed"}
+    assert abs(wrong / bad - rate) < 0.05  # (every error possible with these three families)
+
+
+def test_compact_weak_cot_on_the_pseudo_label_split_is_right_at_its_accuracy():
+    cfg = syn.SyntheticConfig(**CPU_GENERATOR)  # compact texts, weak_cot_accuracy 0.38
+    assert cfg.text_style == "compact" and cfg.weak_cot_accuracy == 0.38
+    hits, n = 0, 2500
+    for i in range(n):
+        meta = sample_meta(cfg, 0, "pseudo_label", i)
+        weak = COMPACT_COT_RE.fullmatch(syn_text.weak_cot_text(meta, "compact"))
+        hits += weak.group(2) == answer_of(meta)
+    assert abs(hits / n - 0.38) < 0.03  # 3 binomial standard deviations (measured 0.380)
+    s = split_view(syn.generate_sample(cfg, 0, "pseudo_label", 0), "pseudo_label")
+    assert s.answer is None and s.answer_cot is None
+    assert COMPACT_COT_RE.fullmatch(s.weak_cot)
+    assert re.fullmatch(r"A: [a-z ,]+\. B: [a-z ,]+\. C: [a-z ,]+\. D: [a-z ,]+\.", s.caption)
+
+
 def test_text_style_is_checked():
     with pytest.raises(ValueError, match="text_style"):
         syn.SyntheticConfig(text_style="terse")
@@ -439,7 +535,7 @@ def test_config_rejects_bad_knobs():
 def test_write_dataset_round_trips_through_load_manifest(tmp_path, monkeypatch):
     cfg, sizes = (
         syn.SyntheticConfig(image_size=48),
-        {"train": 3, "test": 2, "pseudo_label": 2, "exploration": 1},
+        {"train": 3, "val": 2, "test": 2, "pseudo_label": 2, "exploration": 1},
     )
     assert not syn.dataset_complete(tmp_path, sizes, cfg, 7)
     manifests = syn.write_dataset(tmp_path, sizes, cfg, seed=7, progress=False)
@@ -458,16 +554,81 @@ def test_write_dataset_round_trips_through_load_manifest(tmp_path, monkeypatch):
     assert all(np.array_equal(a, np.asarray(b)) for a, b in zip(on_disk, s.images, strict=True))
     pseudo, _ = load_manifest(manifests["pseudo_label"])
     assert pseudo[0].answer is None and pseudo[0].weak_cot and pseudo[0].answer_cot is None
+    val, _ = load_manifest(manifests["val"])  # held out like test, its own samples
+    assert [r.id for r in val] == ["val-000000", "val-000001"] and val[0].answer_cot is None
+    assert val[0].answer == syn.generate_sample(cfg, 7, "val", 0).answer
+    assert not {r.original for r in val} & {r.original for r in test_records}
 
-    # a write that dies half way leaves no marker, so the dataset is not taken as complete
-    def boom(*args, **kwargs):
+
+def _mtimes(root):
+    return {p: p.stat().st_mtime_ns for p in sorted(root.rglob("*"))}
+
+
+def test_write_dataset_is_whole_or_absent_and_never_repeated(tmp_path, monkeypatch):
+    cfg, sizes = syn.SyntheticConfig(image_size=32), {"train": 2, "test": 1}
+    root = tmp_path / "data"
+    syn.write_dataset(root, sizes, cfg, progress=False)
+    before = _mtimes(root)
+    assert syn.dataset_complete(root, sizes, cfg, 0) and len(before) > 10
+    syn.write_dataset(root, sizes, cfg, progress=False)  # the same dataset: nothing rewritten
+    assert _mtimes(root) == before
+
+    # a write that dies half way leaves no folder under the final name, nor its temporary one
+    def boom(path, records):
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(syn_dataset, "write_manifest", boom)
-    with pytest.raises(RuntimeError):
-        syn.write_dataset(tmp_path, sizes, cfg, seed=7, progress=False)
-    assert not (tmp_path / syn_dataset.MARKER).exists()
-    assert not syn.dataset_complete(tmp_path, sizes, cfg, 7)
+    other = tmp_path / "other"
+    with monkeypatch.context() as m:
+        m.setattr(syn_dataset, "write_manifest", boom)
+        with pytest.raises(RuntimeError, match="disk full"):
+            syn.write_dataset(other, sizes, cfg, progress=False)
+        assert not other.exists() and not list(tmp_path.glob(".other.tmp-*"))
+        # nor does a rewrite of another dataset's folder that dies: the old one stays whole
+        with pytest.raises(RuntimeError, match="disk full"):
+            syn.write_dataset(root, sizes | {"train": 3}, cfg, progress=False)
+        assert _mtimes(root) == before
+    syn.write_dataset(other, sizes, cfg, progress=False)  # the next write completes
+    assert syn.dataset_complete(other, sizes, cfg, 0)
+    syn.write_dataset(root, sizes | {"train": 3}, cfg, progress=False)  # another dataset: replaced
+    assert syn.dataset_complete(root, sizes | {"train": 3}, cfg, 0)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "data",
+        "data.lock",
+        "other",
+        "other.lock",
+    ]
+
+
+def test_concurrent_write_waits_for_the_lock_then_reads_the_finished_folder(tmp_path):
+    cfg, sizes = syn.SyntheticConfig(image_size=32), {"train": 1, "test": 1}
+    root = tmp_path / "data"
+    with folder_lock(root):  # another job is writing `root`
+        waiter = threading.Thread(
+            target=syn.write_dataset, args=(root, sizes, cfg), kwargs={"progress": False}
+        )
+        waiter.start()
+        time.sleep(0.5)
+        assert waiter.is_alive() and not root.exists()
+        syn.write_dataset(tmp_path / "elsewhere", sizes, cfg, progress=False)
+        (tmp_path / "elsewhere").rename(root)  # the other job's finished folder
+        before = _mtimes(root)
+    waiter.join(timeout=60)
+    assert not waiter.is_alive() and _mtimes(root) == before  # found it finished: no rewrite
+
+
+def test_data_folder_is_named_by_what_makes_the_data(compose_cfg):
+    def root(*overrides):
+        return compose_cfg("train", ["data=synthetic_cpu", *overrides]).data.root
+
+    base = root()
+    assert base != root("data.synthetic.generator.defect_strength=0.9")
+    assert base != root("data.synthetic.seed=1") != root("data.synthetic.sizes.val=8")
+    assert base == root("data.synthetic.workers=2")  # how it is made is not what it is
+    assert base == root("data.synthetic.generator.defect_strength=1.0")  # (the cpu value)
+    sizes, cfg, seed = syn.dataset_args(compose_cfg("train", ["data=synthetic_cpu"]).data.synthetic)
+    assert base.endswith("/synthetic-cpu-" + syn.dataset_digest(sizes, cfg, seed))
+    paper = compose_cfg("train", ["data=synthetic_cpu_paper"]).data
+    assert paper.root != base and paper.val_split == "val" and paper.eval_split == "test"
 
 
 def test_write_dataset_with_workers_matches_one_process(tmp_path):
@@ -489,7 +650,7 @@ def test_cli_writes_a_dataset_and_has_help(tmp_path, capsys):
     records, _ = load_manifest(tmp_path / "train.jsonl")
     assert [r.id for r in records] == ["train-000000", "train-000001"]
     marker = json.loads((tmp_path / syn_dataset.MARKER).read_text())
-    assert marker["sizes"] == {"train": 2, "test": 1, "pseudo_label": 1, "exploration": 0}
+    assert marker["sizes"] == {"train": 2, "val": 0, "test": 1, "pseudo_label": 1, "exploration": 0}
     assert marker["config"]["image_size"] == 40
 
 

@@ -6,7 +6,7 @@ and evaluation run unchanged; it replaces where the questions come from and how 
 and scored. Section 5.4's protocol: RealWorldQA and MuirBench keep their `test` split as the
 source and split it 1:1 (seeded, stratified by subtask) into `train` and `test`; BLINK's test
 answers are hidden, so its `val` split is the source, split the same way. `train_split` or
-`eval_split` = `all` takes the whole source split (train and evaluate on it).
+`eval_split` (or `val_split`) = `all` takes the whole source split (train and evaluate on it).
 
 The split is written to `split_dir/<benchmark>-<split>.json` (the ids, the seed and the source
 files' names and sizes): its hash stands for the data in `stage.json` and the mining cache.
@@ -75,7 +75,7 @@ class BenchmarkDataModule(ScreeningDataModule):
         super().__init__(
             root=root, mode=mode, model=model, prompt=prompt, sft_sources=sft_sources, **loading
         )
-        for key in ("train_split", "eval_split"):
+        for key in ("train_split", "val_split", "eval_split"):
             if (split := getattr(self, key)) not in SPLITS:
                 raise ValueError(f"data.{key} must be one of {SPLITS}, got {split!r}")
         name = dict(prompt)["name"]
@@ -156,7 +156,7 @@ class BenchmarkDataModule(ScreeningDataModule):
             self.sft_dataset = BenchmarkDataset(self.load(self.train_split))
         if self.mode == "grpo" and stage in (None, "fit"):
             self.train_dataset = BenchmarkDataset(self.load(self.train_split))
-        self.eval_dataset = BenchmarkDataset(self.load(self.eval_split)[: self.limit_eval])
+        self.set_held_out(stage, BenchmarkDataset)
 
     def make_metric(self) -> BenchmarkAccuracy:
         """Accuracy (Tables 8-10), per subtask too: what validation and test log."""

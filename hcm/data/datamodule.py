@@ -2,8 +2,10 @@
 
 `mode` follows the stage: "sft" yields SFT items (sources of Table 5), "grpo" yields generation
 prompts with their answers, ordered by the hard-case sampler (all data for `switch_epoch`
-epochs, then the configured composition, Table 7). Validation and test always yield prompts of
-the test split, scored with the section-5.1 metric.
+epochs, then the configured composition, Table 7). Validation yields prompts of `val_split`, test
+(an eval stage) those of `eval_split`, both scored with the section-5.1 metric; `limit_eval`
+keeps the first N of whichever of the two a stage scores. A training stage never reads
+`eval_split` unless `val_split` names it (the default: `${data.eval_split}`).
 
 Resuming mid-epoch: both training orders depend only on (seed, epoch), never on the global RNG,
 and every checkpoint stores where this epoch's order had got to (`state_dict`), so a resumed run
@@ -65,6 +67,7 @@ class ScreeningDataModule(L.LightningDataModule):
         sft_sources: Sequence[str] = ("answer_cot",),
         train_split: str = "train",
         eval_split: str = "test",
+        val_split: str = "test",
         batch_size: int = 8,
         eval_batch_size: int = 8,
         num_workers: int = 0,
@@ -90,7 +93,7 @@ class ScreeningDataModule(L.LightningDataModule):
         self.mode, self.model_cfg = mode, dict(model)
         self.prompt = Prompt(**dict(prompt))
         self.image_layout, self.sft_sources = image_layout, list(sft_sources)
-        self.train_split, self.eval_split = train_split, eval_split
+        self.train_split, self.eval_split, self.val_split = train_split, eval_split, val_split
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
         self.num_workers, self.limit_eval, self.skip_invalid = num_workers, limit_eval, skip_invalid
         self.check_images = check_images
@@ -112,16 +115,14 @@ class ScreeningDataModule(L.LightningDataModule):
 
     # -- data on disk ------------------------------------------------------------------------
     def prepare_data(self) -> None:
-        """Generate the synthetic benchmark into `root` when it is configured and missing."""
+        """Generate the synthetic benchmark into `root` when it is configured and missing (a
+        concurrent job generating it is waited for: `synthetic.write_dataset`)."""
         if self.synthetic is None:
             return
-        cfg = synthetic.SyntheticConfig(**self.synthetic.get("generator", {}))
-        sizes, seed = dict(self.synthetic["sizes"]), self.synthetic.get("seed", 0)
-        if not synthetic.dataset_complete(self.root, sizes, cfg, seed):
-            log.info("generating the synthetic screening benchmark into %s", self.root)
-            synthetic.write_dataset(
-                self.root, sizes, cfg, seed, workers=self.synthetic.get("workers", 1)
-            )
+        sizes, cfg, seed = synthetic.dataset_args(self.synthetic)
+        synthetic.write_dataset(
+            self.root, sizes, cfg, seed, workers=self.synthetic.get("workers", 1)
+        )
 
     def manifest(self, split: str) -> Path:
         path = self.root / f"{split}.jsonl"
@@ -179,7 +180,23 @@ class ScreeningDataModule(L.LightningDataModule):
                 raise ValueError(f"no SFT items for sources {self.sft_sources} under {self.root}")
         if self.mode == "grpo" and stage in (None, "fit"):
             self.train_dataset = SampleDataset(self.load(self.train_split))
-        self.eval_dataset = SampleDataset(self.load(self.eval_split)[: self.limit_eval])
+        self.set_held_out(stage, SampleDataset)
+
+    def set_held_out(self, stage: str | None, dataset: type) -> None:
+        """The held-out sets a stage scores, the first `limit_eval` samples of each: validation
+        (fit, validate) reads `val_split`, test (an eval stage) `eval_split`."""
+        wanted = {
+            "val_dataset": ("val_split", ("fit", "validate")),
+            "eval_dataset": ("eval_split", ("test",)),
+        }
+        for name, (key, stages) in wanted.items():
+            if stage is None or stage in stages:
+                records = self.load(getattr(self, key))[: self.limit_eval]
+                if not records:
+                    raise ValueError(
+                        f"data.{key}={getattr(self, key)!r} has no samples in {self.root}"
+                    )
+                setattr(self, name, dataset(records))
 
     def make_metric(self) -> ScreeningScore:
         """The section-5.1 score: what validation and test log."""
@@ -349,9 +366,10 @@ class ScreeningDataModule(L.LightningDataModule):
     def _stream(self):
         """Fresh synthetic samples every step; a new draw each epoch (docs/science.md)."""
         rank, world, epoch = self._place()
+        _, cfg, seed = synthetic.dataset_args(self.synthetic)
         stream = synthetic.SyntheticStream(
-            synthetic.SyntheticConfig(**self.synthetic.get("generator", {})),
-            seed=self.synthetic.get("seed", 0) + 1,  # never the fixed splits' samples
+            cfg,
+            seed=seed + 1,  # never the fixed splits' samples
             samples_per_epoch=self.samples_per_epoch,
             rank=rank,
             world_size=world,
@@ -386,10 +404,13 @@ class ScreeningDataModule(L.LightningDataModule):
             self.train_dataset, self.batch_size, self.prompt_collate, sampler=sampler
         )
 
-    def val_dataloader(self) -> DataLoader:
+    def _held_out_loader(self, dataset) -> DataLoader:
         rank, world, _ = self._place()
-        sampler = EvalSampler(self.eval_dataset, rank, world)
-        return self._loader(self.eval_dataset, self.eval_batch_size, self.prompt_collate, sampler)
+        sampler = EvalSampler(dataset, rank, world)
+        return self._loader(dataset, self.eval_batch_size, self.prompt_collate, sampler)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._held_out_loader(self.val_dataset)
 
     def test_dataloader(self) -> DataLoader:
-        return self.val_dataloader()
+        return self._held_out_loader(self.eval_dataset)

@@ -14,8 +14,10 @@ from typing import Any
 
 from hcm.images import MAX_PIXELS, ImageError, load_image
 
-SPLITS = ("train", "test", "pseudo_label", "exploration")
-LABELLED_SPLITS = ("train", "test")
+# `val`: held-out samples to choose SFT lengths and tune GRPO on, so that `test` is only ever
+# scored (the paper has no such split; the synthetic generator draws it like the others).
+SPLITS = ("train", "val", "test", "pseudo_label", "exploration")
+LABELLED_SPLITS = ("train", "val", "test")
 TEXT_FIELDS = ("caption", "weak_cot", "answer_cot")
 
 

@@ -22,19 +22,27 @@ The package, in the order a sample is made:
   JSON-serialisable metadata, a pure function of (seed, split, index);
 - `render`: the images drawn from that metadata; `text`: its caption and CoTs;
 - `sample`: labels, texts and images read off the metadata, and what each split keeps;
-- `dataset`: the files on disk (`write_dataset`, `dataset_complete`) and the command line
+- `dataset`: the files on disk (`write_dataset`, `dataset_complete`, the folder's name
+  `dataset_digest`) and the command line
   (`python -m hcm.data.synthetic --help`); `stream`: fresh samples every step.
 """
 
 from hcm.data.synthetic.config import SyntheticConfig
-from hcm.data.synthetic.dataset import dataset_complete, write_dataset
+from hcm.data.synthetic.dataset import (
+    dataset_args,
+    dataset_complete,
+    dataset_digest,
+    write_dataset,
+)
 from hcm.data.synthetic.sample import generate_sample
 from hcm.data.synthetic.stream import SyntheticStream
 
 __all__ = [
     "SyntheticConfig",
     "SyntheticStream",
+    "dataset_args",
     "dataset_complete",
+    "dataset_digest",
     "generate_sample",
     "write_dataset",
 ]

@@ -8,8 +8,9 @@ from hcm.data.synthetic.render import FAMILIES
 from hcm.data.synthetic.text import TEXT_STYLES
 
 GENERATOR_VERSION = "1"
-PAPER_SIZES = {"train": 1044, "test": 468, "pseudo_label": 10724, "exploration": 115809}
-DEFAULT_SIZES = {"train": 64, "test": 32, "pseudo_label": 64, "exploration": 0}
+# (the paper has no `val` split: its sizes leave it empty)
+PAPER_SIZES = {"train": 1044, "val": 0, "test": 468, "pseudo_label": 10724, "exploration": 115809}
+DEFAULT_SIZES = {"train": 64, "val": 0, "test": 32, "pseudo_label": 64, "exploration": 0}
 DEFAULT_FAMILY_WEIGHTS = {
     "colour": 1.0,
     "shape": 1.0,
@@ -44,6 +45,9 @@ class SyntheticConfig:
     family_weights: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_FAMILY_WEIGHTS))
     weak_cot_accuracy: float = 0.38  # fraction of weak CoTs whose answer is the label (paper 38%)
     weak_misname_prob: float = 0.3  # chance a weak CoT names a defect by the wrong family
+    # chance the answer-driven CoT states an unacceptable candidate's defects wrongly (its
+    # verdicts and answer stay right: scene._sample_annotator); 0 = every observation true
+    answer_cot_error_rate: float = 0.0
     text_style: str = "full"  # captions and CoTs: "full" sentences or "compact" (a few words each)
 
     def __post_init__(self) -> None:
@@ -57,6 +61,7 @@ class SyntheticConfig:
         if not any(w > 0 for f, w in self.family_weights.items() if f != "shadow_inconsistent"):
             raise ValueError("some defect family other than shadow_inconsistent needs weight > 0")
         probabilities = ("p_clean", "p_second_defect", "p_two_units", "weak_cot_accuracy")
+        probabilities += ("answer_cot_error_rate",)
         for name in ("defect_strength", *probabilities, "weak_misname_prob"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")

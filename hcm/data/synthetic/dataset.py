@@ -1,10 +1,21 @@
 """The synthetic benchmark on disk: images and one manifest per split, a marker written last,
-and the command line that writes it (`python -m hcm.data.synthetic --help`)."""
+and the command line that writes it (`python -m hcm.data.synthetic --help`).
+
+A dataset's folder is written whole or not at all: under the lock `<root>.lock`, into a temporary
+folder beside it, renamed to `root` when complete. A concurrent job waits for the lock, then finds
+the finished folder; a crash leaves none under `root`. Configs name the folder by
+`dataset_digest` (`${hcm.synthetic_digest:${data.synthetic}}`), so that two configs that make
+different data never share one.
+"""
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
+import logging
+import shutil
+import time
 from collections.abc import Mapping
 from dataclasses import asdict
 from functools import partial
@@ -23,8 +34,10 @@ from hcm.data.synthetic.config import (
     SyntheticConfig,
 )
 from hcm.data.synthetic.sample import generate_sample, split_view
-from hcm.files import atomic_write_text
+from hcm.files import atomic_write_text, folder_lock, replace_folder
 from hcm.screening import OPTIONS
+
+log = logging.getLogger(__name__)
 
 MARKER = "dataset.json"
 PNG_COMPRESSION = 1  # zlib level: these flat images compress well even at 1, and 1 is fast
@@ -52,6 +65,19 @@ def _marker(sizes: Mapping[str, int], cfg: SyntheticConfig, seed: int) -> dict[s
     return json.loads(json.dumps(obj, sort_keys=True))
 
 
+def dataset_args(synthetic: Mapping[str, Any]) -> tuple[dict[str, int], SyntheticConfig, int]:
+    """(sizes, generator config, seed) of a `data.synthetic` node (conf/data/synthetic.yaml)."""
+    cfg = SyntheticConfig(**synthetic.get("generator", {}))
+    return dict(synthetic["sizes"]), cfg, synthetic.get("seed", 0)
+
+
+def dataset_digest(sizes: Mapping[str, int], cfg: SyntheticConfig, seed: int) -> str:
+    """A short hash of everything that makes the data, the marker's content: the generator's
+    version, its whole config (defaults filled in), the seed and the split sizes."""
+    text = json.dumps(_marker(sizes, cfg, seed), sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
 def write_dataset(
     root: str | Path,
     sizes: Mapping[str, int],
@@ -60,14 +86,31 @@ def write_dataset(
     workers: int = 1,
     progress: bool = True,
 ) -> dict[str, Path]:
-    """Write images and one manifest per split under `root`; the marker `dataset.json` last."""
-    cfg, root = cfg or SyntheticConfig(), Path(root)
+    """Make `root` hold this dataset, images and one manifest per split, unless it already does
+    (`dataset_complete`); written whole under the lock `<root>.lock` (module docstring).
+    Returns each split's manifest."""
+    cfg, root = cfg or SyntheticConfig(), Path(root).absolute()
     bad = {s: n for s, n in sizes.items() if s not in SPLITS or int(n) < 0}
     if bad:
         raise ValueError(f"sizes must map splits {SPLITS} to counts >= 0, got {bad}")
-    root.mkdir(parents=True, exist_ok=True)
-    (root / MARKER).unlink(missing_ok=True)  # a rewrite in progress is not a complete dataset
-    manifests: dict[str, Path] = {}
+    with folder_lock(root, "another job writing this dataset"):
+        if not dataset_complete(root, sizes, cfg, seed):
+            log.info("writing the synthetic screening benchmark into %s", root)
+            for stale in root.parent.glob(f".{root.name}.tmp-*"):  # left by a crashed write
+                shutil.rmtree(stale, ignore_errors=True)
+            tmp = root.parent / f".{root.name}.tmp-{time.time_ns()}"
+            try:
+                _write_splits(tmp, sizes, cfg, seed, workers, progress)
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
+            replace_folder(tmp, root)
+    return {split: root / f"{split}.jsonl" for split in sizes}
+
+
+def _write_splits(root: Path, sizes, cfg: SyntheticConfig, seed, workers, progress) -> None:
+    """Images and one manifest per split under `root`, the marker `dataset.json` last."""
+    root.mkdir(parents=True)
     bar = tqdm(total=sum(int(n) for n in sizes.values()), disable=not progress, desc="synthetic")
     pool = get_context().Pool(workers) if workers > 1 else None
     try:
@@ -80,7 +123,7 @@ def write_dataset(
             for record in results:
                 records.append(record)
                 bar.update()
-            manifests[split] = write_manifest(root / f"{split}.jsonl", records)
+            write_manifest(root / f"{split}.jsonl", records)
     finally:
         bar.close()
         if pool:
@@ -89,7 +132,6 @@ def write_dataset(
     atomic_write_text(
         root / MARKER, json.dumps(_marker(sizes, cfg, seed), indent=1, sort_keys=True)
     )
-    return manifests
 
 
 def dataset_complete(

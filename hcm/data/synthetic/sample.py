@@ -11,12 +11,13 @@ from hcm.data.records import ScreeningSample
 from hcm.data.synthetic.config import SyntheticConfig
 from hcm.data.synthetic.render import render_candidate, render_original
 from hcm.data.synthetic.scene import sample_meta
-from hcm.data.synthetic.text import TEXT_STYLES, weak_cot_text
+from hcm.data.synthetic.text import TEXT_STYLES, answer_cot_text, weak_cot_text
 from hcm.screening import NONE_ANSWER
 
 # What each split keeps (paper Table 1); `meta` is kept everywhere for per-family reporting.
 SPLIT_FIELDS = {
     "train": ("answer", "caption", "answer_cot", "weak_cot"),
+    "val": ("answer", "dimensions"),  # held out like test
     "test": ("answer", "dimensions"),
     "pseudo_label": ("caption", "weak_cot"),
     "exploration": (),
@@ -46,7 +47,7 @@ def render_images(meta: Mapping[str, Any], size: int) -> tuple[Any, ...]:
 def generate_sample(cfg: SyntheticConfig, seed: int, split: str, index: int) -> ScreeningSample:
     """Sample `index` of `split`, with every label and text (see `split_view` for a split's)."""
     meta = sample_meta(cfg, seed, split, index)
-    caption, cot = TEXT_STYLES[cfg.text_style]
+    caption = TEXT_STYLES[cfg.text_style][0]
     return ScreeningSample(
         id=sample_id(split, index),
         images=render_images(meta, cfg.image_size),
@@ -54,7 +55,7 @@ def generate_sample(cfg: SyntheticConfig, seed: int, split: str, index: int) -> 
         dimensions=dimensions_of(meta),
         caption=caption(meta, cfg.image_size),
         weak_cot=weak_cot_text(meta, cfg.text_style),
-        answer_cot=cot(meta),
+        answer_cot=answer_cot_text(meta, cfg.text_style),
         meta=meta,
     )
 

@@ -1,9 +1,12 @@
 """A synthetic sample's random choices, as JSON-serialisable metadata: the product, each
-candidate's scene and defects, and what a weak annotator claims. Images, labels and texts are all
+candidate's scene and defects, what a weak annotator claims, and the mistakes of the answer-driven
+annotator. Images, labels and texts are all
 read off this metadata (`hcm.data.synthetic.sample`), so they are true to the pixels.
 
 Every draw comes from one generator seeded by (seed, split, index): a sample is a pure function of
-them, whatever the order or the number of workers that make it.
+them, whatever the order or the number of workers that make it. The answer-driven annotator's
+mistakes come from a second generator, seeded by (seed, split, index, 1), so that its error rate
+changes nothing else in a sample (at rate 0 a sample is the one drawn before the knob existed).
 """
 
 from __future__ import annotations
@@ -35,10 +38,11 @@ FLOORS |= {"tan": (196, 170, 130), "slate blue": (110, 124, 150)}
 CAPS = ([240, 240, 240], [30, 30, 30], [180, 180, 190])
 
 
-def _rng(seed: int, split: str, index: int) -> np.random.Generator:
+def _rng(seed: int, split: str, index: int, *stream: int) -> np.random.Generator:
+    """The sample's generator; `stream` names another, independent one for the same sample."""
     if seed < 0 or index < 0:
         raise ValueError(f"seed and index must be >= 0, got seed={seed}, index={index}")
-    return np.random.default_rng([seed, zlib.crc32(split.encode()), index])
+    return np.random.default_rng([seed, zlib.crc32(split.encode()), index, *stream])
 
 
 def _hsv(h: float, s: float, v: float) -> list[int]:
@@ -210,6 +214,52 @@ def _sample_weak(rng, cfg: SyntheticConfig, product, candidates) -> dict[str, An
     return {"correct": correct, "claims": claims}
 
 
+ANNOTATOR_ERRORS = ("misnamed", "extra", "missed")
+ANNOTATOR_STREAM = 1  # the answer-driven annotator's own generator (`_rng`)
+
+
+def _annotator_error(rng, cfg: SyntheticConfig, product, c) -> tuple[str, list[dict]] | None:
+    """One mistake in what the answer-driven annotator writes of an unacceptable candidate, as
+    (kind, the defects it claims), or None when the family weights leave no family to claim:
+    - misnamed: one real defect named by another family ("floating" for a missing shadow);
+    - extra: a defect the candidate does not have, claimed beside its real ones;
+    - missed: one of two defects left out. A candidate with one defect cannot have one missed,
+      so it gets a misnamed or an extra one instead (each half the time).
+    The claims are never empty, so the verdict stays "unacceptable"."""
+    defects = c["defects"]
+    kinds = ANNOTATOR_ERRORS if len(defects) > 1 else ANNOTATOR_ERRORS[:2]
+    kind = kinds[int(rng.integers(len(kinds)))]
+    k = int(rng.integers(len(defects)))  # the real defect misnamed or missed
+    others = defects[:k] + defects[k + 1 :]
+    if kind == "missed":
+        return kind, others
+    chosen, exclude = (others, [defects[k]["family"]]) if kind == "misnamed" else (defects, [])
+    family = _pick_family(rng, cfg, product, chosen, exclude=exclude)
+    if family is None:
+        return None
+    claimed = make_defect(family, rng, cfg.defect_strength, product, c["scene"])
+    return kind, [*chosen, claimed]
+
+
+def _sample_annotator(cfg: SyntheticConfig, seed, split, index, product, candidates) -> dict:
+    """What the answer-driven annotator, given the true answer, writes wrongly: each unacceptable
+    candidate, with probability `answer_cot_error_rate`, gets one `_annotator_error`. Acceptable
+    candidates are left alone: an annotator who knows a candidate is acceptable does not claim a
+    defect on it. So every verdict, and the answer, stays the label's."""
+    rng = _rng(seed, split, index, ANNOTATOR_STREAM)
+    claims: dict[str, list] = {}
+    errors: list[dict[str, Any]] = []
+    for c in candidates:
+        if not c["defects"] or rng.random() >= cfg.answer_cot_error_rate:
+            continue
+        error = _annotator_error(rng, cfg, product, c)
+        if error is not None:
+            kind, claims[c["letter"]] = error
+            true, said = ([d["family"] for d in ds] for ds in (c["defects"], claims[c["letter"]]))
+            errors.append({"letter": c["letter"], "kind": kind, "true": true, "claimed": said})
+    return {"claims": claims, "errors": errors}
+
+
 def sample_meta(cfg: SyntheticConfig, seed: int, split: str, index: int) -> dict[str, Any]:
     """All of a sample's random choices, JSON-serialisable; images and texts derive from it."""
     rng = _rng(seed, split, index)
@@ -225,4 +275,8 @@ def sample_meta(cfg: SyntheticConfig, seed: int, split: str, index: int) -> dict
     meta = {"generator_version": GENERATOR_VERSION, "seed": seed, "split": split, "index": index}
     meta |= {"layout": layout, "product": product, "candidates": candidates}
     meta["weak"] = _sample_weak(rng, cfg, product, candidates)
+    if cfg.answer_cot_error_rate > 0:  # (at 0 the metadata stays as it was before the knob)
+        annotator = _sample_annotator(cfg, seed, split, index, product, candidates)
+        if annotator["errors"]:  # `meta["annotator"]`: the claims and errors, when any
+            meta["annotator"] = annotator
     return meta

@@ -7,7 +7,9 @@ without verdicts. The CoT follows the paper's format (Appendix B), one observati
     <answer>X</answer>            (on one line)
 
 naming each candidate's real defects, or that it is consistent and physically plausible. The weak
-CoT is the same text made from a weak annotator's claims (`meta["weak"]["claims"]`).
+CoT is the same text made from a weak annotator's claims (`meta["weak"]["claims"]`), and the
+answer-driven CoT from the answer-driven annotator's (`meta["annotator"]["claims"]`, present when
+it made a mistake: `answer_cot_error_rate`), whose verdicts are always the label's.
 
 The `compact` style is for models that must learn in minutes on a CPU (the full CoT runs to ~140
 tokens of the tiny tokenizer, the compact one ~50). Its caption states in a few words what each
@@ -116,6 +118,11 @@ def cot_text(meta: Mapping[str, Any], claims: Mapping[str, list] | None = None) 
 
 def weak_cot_text(meta: Mapping[str, Any], style: str = "full") -> str:
     return TEXT_STYLES[style][1](meta, meta["weak"]["claims"])
+
+
+def answer_cot_text(meta: Mapping[str, Any], style: str = "full") -> str:
+    """The answer-driven CoT: the truth, less the annotator's mistakes (none at error rate 0)."""
+    return TEXT_STYLES[style][1](meta, meta.get("annotator", {}).get("claims"))
 
 
 # What a compact caption cannot show (it describes one image; these need the original beside it).
