@@ -155,6 +155,22 @@ def _random_values(columns: Sequence[str], jobs: Sequence[Job]) -> dict[str, flo
     return dict.fromkeys(columns)
 
 
+COUNTED = ("hard", "easy", "all")  # mining's counts, the "{hard}" placeholders of row labels
+
+
+def count_label(values: Sequence[int]) -> str:
+    """A mining count over a row's seeds: the number when they agree, else the mean and range.
+
+    >>> count_label([417]), count_label([417, 297, 97]), count_label([])
+    ('417', '270 (97-417)', '?')
+    """
+    if not values:
+        return "?"
+    if len(set(values)) == 1:
+        return str(values[0])
+    return f"{sum(values) / len(values):.0f} ({min(values)}-{max(values)})"
+
+
 def fill_row(entry: dict, columns: Sequence[str], jobs: Sequence[Job], fallback: dict) -> Row:
     """One paper row from the first matching job that finished and its other seeds; "{hard}"-
     style placeholders in its labels take that job's mining counts (or another's, if none)."""
@@ -172,8 +188,10 @@ def fill_row(entry: dict, columns: Sequence[str], jobs: Sequence[Job], fallback:
     else:
         job, status = (found[0] if found else None), ("failed" if found else "missing")
         values = dict.fromkeys(columns)
-    counts = (job.counts if job is not None else {}) or fallback
-    placeholders = {k: counts.get(k, "?") for k in ("hard", "easy", "all")}
+    per_seed = [r.job.counts for r in runs if r.job.counts]
+    if not per_seed:
+        per_seed = [(job.counts if job is not None else {}) or fallback]
+    placeholders = {k: count_label([c[k] for c in per_seed if k in c]) for k in COUNTED}
     labels = [label.format(**placeholders) for label in labels]
     names = ";".join(r.job.name for r in runs) or (job.name if job is not None else "")
     return Row(labels, values, {}, status, names, runs, intervals)

@@ -162,10 +162,13 @@ def paired_differences(runs: Sequence[Run], base: Sequence[Run]) -> list[list[in
     return out
 
 
-def run_zero_variance(run: Run) -> float | None:
+def run_zero_variance(run: Run, own: bool = False) -> float | None:
+    """The share of zero-variance groups over the GRPO training behind the run's model, or
+    (`own`) over the stage that trained it alone: a Table 7 arm's own epochs, not the shared
+    prefix every arm has (`Run.curves` lists the scored stage first)."""
     if run.curves is None:
         return None
-    return _mean(read_curve(run.curves, ZERO_VARIANCE)[1])
+    return _mean(read_curve(run.curves[:1] if own else run.curves, ZERO_VARIANCE)[1])
 
 
 def run_reward(run: Run) -> dict[int, float]:
@@ -272,14 +275,18 @@ def zero_variance_section(rows, names, decimals: int) -> str:
     lines = []
     for name, row in zip(names, rows, strict=True):
         shares = [s for r in row.runs if (s := run_zero_variance(r)) is not None]
+        own = [s for r in row.runs if (s := run_zero_variance(r, own=True)) is not None]
         if shares:
-            lines.append([name, _num(100 * _mean(shares), decimals), str(len(shares))])
+            cells = [_num(100 * _mean(v), decimals) for v in (shares, own)]
+            lines.append([name, *cells, str(len(shares))])
     if not lines:
         return ""
-    head = ["Row", "Zero-variance groups (%)", "Seeds"]
+    head = ["Row", "Zero-variance groups (%), all GRPO epochs", "its own stage's epochs", "Seeds"]
     note = (
         "Share of GRPO groups whose G rewards were all equal (no advantage, no gradient): "
-        "mean over the GRPO stage's steps, then over seeds."
+        "mean over the steps, then over seeds; over every GRPO epoch behind the row's model, "
+        "and over its own stage's alone (a Table 7 arm's composition epochs, without the "
+        "prefix all arms share)."
     )
     return f"\n**Zero-variance groups**\n\n{markdown_table(head, lines)}\n{note}\n"
 

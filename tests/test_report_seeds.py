@@ -262,8 +262,9 @@ def test_science_sections_per_dimension_family_and_zero_variance(tmp_path):
         "| SFT +HCM-GRPO | 75.0 | 50.0 | 50.0 |",
         text.split("\n\n")[14],  # the definition, checked below
         "**Zero-variance groups**",
-        "| Row | Zero-variance groups (%) | Seeds |\n|---|---|---|\n"
-        "| SFT +HCM-GRPO | 37.5 | 2 |",  # step means 0.25 and 0.5
+        "| Row | Zero-variance groups (%), all GRPO epochs | its own stage's epochs | Seeds |\n"
+        "|---|---|---|---|\n"
+        "| SFT +HCM-GRPO | 37.5 | 37.5 | 2 |",  # step means 0.25 and 0.5 (one GRPO stage)
         text.split("\n\n")[-1],
     ]
     assert "leaves out" in text.split("\n\n")[14]
@@ -356,3 +357,39 @@ def test_a_row_reads_the_grpo_logs_behind_its_own_evaluation(tmp_path):
         rest / "csv" / "metrics.csv",
         first / "csv" / "metrics.csv",
     ]
+
+
+def test_zero_variance_over_all_grpo_epochs_and_over_the_arms_own(tmp_path):
+    """A Table 7 arm's zero-variance share over its own composition epochs leaves out the
+    prefix every arm shares; the share over all its GRPO epochs includes it."""
+    from hcm.aggregate import Run
+    from hcm.report import Job
+    from hcm.science import run_zero_variance
+
+    def stage(name: str, shares: list[float], **marker) -> Path:
+        folder = tmp_path / name
+        (folder / "csv").mkdir(parents=True)
+        rows = "".join(f"{i},{v}\n" for i, v in enumerate(shares))
+        (folder / "csv" / "metrics.csv").write_text("step,train/zero_variance_groups\n" + rows)
+        (folder / "stage.json").write_text(json.dumps({"kind": "grpo", **marker}))
+        return folder
+
+    first = stage("grpo_all", [0.6, 0.6, 0.6], init_ckpt=None)
+    arm = stage("grpo", [0.2], init_ckpt=str(first / "checkpoints" / "last.ckpt"))
+    evaluation = tmp_path / "job" / "stages" / "grpo_eval"
+    evaluation.mkdir(parents=True)
+    model = {"model": {"name_or_path": str(arm / "model")}}
+    (evaluation / "stage.json").write_text(json.dumps({"kind": "eval", "config": model}))
+    run = Run(Job("0", {}, {}, folder=tmp_path / "job"), "0", {}, "grpo_eval")
+    assert run_zero_variance(run) == pytest.approx(0.5)  # (0.6 * 3 + 0.2) / 4
+    assert run_zero_variance(run, own=True) == pytest.approx(0.2)
+
+
+@pytest.mark.parametrize(
+    ("values", "label"),
+    [([417], "417"), ([417, 417], "417"), ([417, 297, 97], "270 (97-417)"), ([], "?")],
+)
+def test_row_labels_carry_each_seeds_mining_count(values, label):
+    from hcm.report import count_label
+
+    assert count_label(values) == label
