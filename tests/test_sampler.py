@@ -47,6 +47,15 @@ def test_all_plus_random_adds_len_hard_distinct_random_indices():
         assert sorted(extras) == random_extras(N, 3, seed)
 
 
+def test_random_only_is_as_many_random_samples_as_hard_cases():
+    """hard_only's control at equal steps: the same count, drawn at random (the set
+    all_plus_random adds), once per run."""
+    for seed in range(5):
+        order = after_switch("random_only", seed=seed)
+        assert sorted(order) == random_extras(N, len(HARD), seed)
+        assert len(order) == len(after_switch("hard_only", seed=seed))
+
+
 def test_random_extras_fixed_for_the_run_and_vary_with_seed():
     # One control set for all post-switch epochs (like the hard set), another for another seed.
     extras = [Counter(after_switch("all_plus_random", epoch=e)) - Counter(range(N)) for e in (3, 4)]
@@ -182,13 +191,14 @@ def test_all_plus_hard_with_no_hard_cases_is_all():
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        ({"composition": "hard"}, "unknown composition.*all_plus_random"),
+        ({"composition": "hard"}, "unknown composition.*random_only"),
         ({"hard": [1, 10]}, r"out of range \[0, 10\): \[10\]"),
         ({"hard": [-1]}, "out of range"),
         ({"hard": [1, 4, 1]}, r"repeated: \[1\]"),
         ({"hard": [1.0]}, "must be ints"),
         ({"switch_epoch": -1}, "switch_epoch"),
         ({"hard": [], "composition": "hard_only"}, "hard_only.*empty"),
+        ({"hard": [], "composition": "random_only"}, "random_only.*empty"),
         ({"hard": list(range(10)), "composition": "easy_only"}, "every sample is hard"),
         ({"n": 0}, "positive"),
         ({"epoch": -1}, "epoch"),

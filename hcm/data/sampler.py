@@ -9,6 +9,8 @@ SFT model answered wrongly (see `hcm.data.hard_cases`) and easy cases the rest:
     easy_only        the easy cases only
     all_plus_hard    every sample, plus the hard cases again (HCM-GRPO)
     all_plus_random  every sample, plus len(hard) samples drawn at random (the control arm)
+    random_only      len(hard) samples drawn at random: hard_only's control at equal steps (ours,
+                     not the paper's), so that "fewer steps" and "which steps" can be told apart
 
 `epoch_indices` is the pure index logic; `HardCaseSampler` wraps it for a DataLoader, shards it
 across DDP ranks and can resume mid-epoch (`set_start`, the one resume mechanism, shared with SFT's
@@ -28,7 +30,7 @@ import numpy as np
 import torch.utils.data
 from torch.utils.data import DistributedSampler
 
-COMPOSITIONS = ("all", "hard_only", "easy_only", "all_plus_hard", "all_plus_random")
+COMPOSITIONS = ("all", "hard_only", "easy_only", "all_plus_hard", "all_plus_random", "random_only")
 
 # Separate random streams per purpose, so drawing the random extras never shifts an epoch's order.
 _SHUFFLE_STREAM, _EXTRA_STREAM = 0, 1
@@ -60,15 +62,19 @@ def validate_schedule(
     if len(set(hard_list)) != len(hard_list):
         repeated = sorted(h for h, c in Counter(hard_list).items() if c > 1)
         raise ValueError(f"hard indices repeated: {repeated[:10]}")
-    if composition == "hard_only" and not hard_list:
-        raise ValueError("composition 'hard_only' needs hard cases, but the hard set is empty")
+    if composition in ("hard_only", "random_only") and not hard_list:
+        raise ValueError(
+            f"composition {composition!r} needs hard cases (or as many random ones), but the "
+            "hard set is empty"
+        )
     if composition == "easy_only" and len(hard_list) == n:
         raise ValueError("composition 'easy_only' needs easy cases, but every sample is hard")
     return sorted(hard_list)
 
 
 def random_extras(n: int, k: int, seed: int) -> list[int]:
-    """The `all_plus_random` extra set: k distinct indices of range(n), fixed for the run.
+    """The `all_plus_random` extra set (and `random_only`'s set): k distinct indices of
+    range(n), fixed for the run.
 
     Drawn from `seed` alone, not the epoch: Table 7's control is "434 Random Samples", one set the
     size of the hard set, and the hard set itself is the same in every epoch after the switch, so
@@ -90,6 +96,8 @@ def composition_indices(n: int, hard: list[int], composition: str, seed: int) ->
         return [i for i in range(n) if i not in hard_set]
     if composition == "all_plus_hard":
         return [*range(n), *hard]  # an empty hard set makes this plain 'all'
+    if composition == "random_only":
+        return random_extras(n, len(hard), seed)
     return [*range(n), *random_extras(n, len(hard), seed)]
 
 
@@ -194,6 +202,7 @@ class HardCaseSampler(torch.utils.data.Sampler[int]):
             "easy_only": self.n - k,
             "all_plus_hard": self.n + k,
             "all_plus_random": self.n + k,
+            "random_only": k,
         }[self.composition]
 
     def epoch_length(self, epoch: int) -> int:
