@@ -36,7 +36,13 @@ from hcm.data.manifest import manifest_hash
 from hcm.data.synthetic.render import FAMILIES
 from hcm.gallery import read_predictions
 from hcm.screening import DIMENSIONS, NONE_ANSWER
-from hcm.stats import BOOTSTRAP_DRAWS, hierarchical_bootstrap
+from hcm.stats import (
+    BOOTSTRAP_DRAWS,
+    between_seed_sd,
+    hierarchical_bootstrap,
+    minimum_detectable_difference,
+    seeds_needed,
+)
 
 log = logging.getLogger(__name__)
 
@@ -250,6 +256,47 @@ def paired_section(rows, names, decimals: int) -> str:
     return f"\n**Paired differences**\n\n{markdown_table(head, lines)}\n{note}\n"
 
 
+POWER_TARGET = 3.0  # points: the difference the science design must detect (issue 20)
+
+
+def power_section(rows, names, decimals: int) -> str:
+    """What the design could detect: from each row's per-seed paired gains over its baseline,
+    the seed-to-seed sd of the true gain, the smallest gain these seeds x test samples detect
+    (80% power, 5% two-sided), and the seeds that would detect POWER_TARGET points."""
+    lines = []
+    for name, row in zip(names, rows, strict=True):
+        if row.base is None:
+            continue
+        differences = paired_differences(row.runs, row.base.runs)
+        if len(differences) < 2:
+            continue
+        n = min(len(d) for d in differences)
+        gains = [100 * sum(d) / len(d) for d in differences]
+        discordance = _mean([100 * sum(map(abs, d)) / len(d) for d in differences])
+        sd = between_seed_sd(gains, discordance, n)
+        mde = minimum_detectable_difference(discordance, sd, len(gains), n)
+        need = seeds_needed(POWER_TARGET, discordance, sd, n)
+        cells = [_num(sd, decimals), _num(mde, decimals), str(need) if need else "> 100"]
+        lines.append([name, *cells, f"{len(gains)} x {n}"])
+    if not lines:
+        return ""
+    head = [
+        "Row",
+        "Seed sd of the gain",
+        "Detectable gain",
+        f"Seeds for {POWER_TARGET:g}",
+        "Design",
+    ]
+    note = (
+        "Power of the design, from the paired per-seed gains over the baseline: their sd less "
+        "the sampling variance of n test samples (seed sd, points; hcm.stats.between_seed_sd); "
+        "the smallest true gain this design (seeds x test samples) detects with 80% power at 5% "
+        "two-sided; and how many seeds would detect "
+        f"{POWER_TARGET:g} points at this test size (hcm.stats.minimum_detectable_difference)."
+    )
+    return f"\n**Power**\n\n{markdown_table(head, lines)}\n{note}\n"
+
+
 def family_section(rows, names, decimals: int) -> str:
     counts = [[run_detection(r) for r in row.runs] for row in rows]
     found = {f: n for per_row in counts for run in per_row for f, (_, n) in run.items()}
@@ -302,6 +349,7 @@ def sections(spec: dict, rows: Sequence[Any], names: Sequence[str]) -> str:
     if not set(DIMENSIONS) <= set(spec["columns"]):
         text += dimension_section(rows, names, decimals)
     text += judgement_section(rows, names, decimals) + paired_section(rows, names, decimals)
+    text += power_section(rows, names, decimals)
     text += family_section(rows, names, decimals)
     return text + zero_variance_section(rows, names, decimals)
 

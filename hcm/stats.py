@@ -240,3 +240,33 @@ def minimum_detectable_difference(
     se = math.sqrt((seed_sd**2 + 100 * discordance / n) / seeds)
     dof = seeds - 1
     return (student_t_quantile(1 - alpha / 2, dof) + student_t_quantile(power, dof)) * se
+
+
+def between_seed_sd(gains: Sequence[float], discordance: float, n: int) -> float:
+    """The seed-to-seed sd (points) of a true gain, from observed per-seed gains (points) on `n`
+    paired samples: their variance less what sampling `n` samples adds (100 * discordance / n,
+    as in `minimum_detectable_difference`), floored at 0.
+
+    >>> round(between_seed_sd([2.0, 6.0, 4.0], 20.0, 1000), 3)  # var 4, sampling 2: sqrt(2)
+    1.414
+    """
+    if len(gains) < 2:
+        raise ValueError(f"needs at least 2 seeds' gains, got {len(gains)}")
+    mean = sum(gains) / len(gains)
+    variance = sum((g - mean) ** 2 for g in gains) / (len(gains) - 1)
+    return math.sqrt(max(0.0, variance - 100 * discordance / n))
+
+
+def seeds_needed(
+    difference: float, discordance: float, seed_sd: float, n: int, most: int = 100
+) -> int | None:
+    """The fewest seeds (2..most) whose design detects `difference` points with 80% power at 5%
+    two-sided (`minimum_detectable_difference`); None when even `most` do not.
+
+    >>> seeds_needed(4.22, 20.0, 4.0, 1024)  # the example above: 10 seeds detect 4.21
+    10
+    """
+    for seeds in range(2, most + 1):
+        if minimum_detectable_difference(discordance, seed_sd, seeds, n) <= difference:
+            return seeds
+    return None

@@ -225,6 +225,8 @@ def science_run(tmp_path: Path, digest_ok: bool = True) -> Path:
 # the bootstrap of the per-sample differences above: mean (.5 + .25) / 2 = .375
 _, _LO, _HI = hcm.stats.hierarchical_bootstrap([[0, 1, 1, 0], [0, 0, 0, 1]])
 PAIRED = f"+37.5 [{100 * _LO:+.1f}, {100 * _HI:+.1f}]"
+# (t(0.975; 1) + t(0.8; 1)) * sqrt(937.5 / 2) = (12.706 + 1.376) * 21.65
+MDE = hcm.stats.minimum_detectable_difference(37.5, 0.0, 2, 4)
 
 
 def test_science_sections_per_dimension_family_and_zero_variance(tmp_path):
@@ -253,6 +255,12 @@ def test_science_sections_per_dimension_family_and_zero_variance(tmp_path):
         # discordant: 2 of 4 and 1 of 4
         f"| SFT +HCM-GRPO | +30.0 [+30.0, +30.0] | {PAIRED} | 37.5 | 2 |",
         text.split("\n\n")[11],
+        "**Power**",
+        "| Row | Seed sd of the gain | Detectable gain | Seeds for 3 | Design |\n"
+        "|---|---|---|---|---|\n"
+        # gains 50 and 25 (var 312.5) are all sampling noise at n = 4 (100 * 37.5 / 4 = 937.5)
+        f"| SFT +HCM-GRPO | 0.0 | {MDE:.1f} | > 100 | 2 x 4 |",
+        text.split("\n\n")[14],
         "**Detection rate per defect family**",
         "| Row | floating (n=2) | extra_object (n=1) | clean (n=2) |\n|---|---|---|---|\n"
         # SFT: seed 0 invalid (nothing detected, nothing kept), seed 1 "N" (all excluded)
@@ -260,14 +268,15 @@ def test_science_sections_per_dimension_family_and_zero_variance(tmp_path):
         # seed 0 "BC": A excluded (1 of 2 floating), C kept; seed 1 "B": A, C excluded;
         # both keep B and drop D (1 of 2 clean)
         "| SFT +HCM-GRPO | 75.0 | 50.0 | 50.0 |",
-        text.split("\n\n")[14],  # the definition, checked below
+        text.split("\n\n")[17],  # the definition, checked below
         "**Zero-variance groups**",
         "| Row | Zero-variance groups (%), all GRPO epochs | its own stage's epochs | Seeds |\n"
         "|---|---|---|---|\n"
         "| SFT +HCM-GRPO | 37.5 | 37.5 | 2 |",  # step means 0.25 and 0.5 (one GRPO stage)
         text.split("\n\n")[-1],
     ]
-    assert "leaves out" in text.split("\n\n")[14]
+    assert "leaves out" in text.split("\n\n")[17]
+    assert "80% power" in text.split("\n\n")[14]
     assert "pooled over all candidates" in text.split("\n\n")[8]
     assert "2000 draws" in text.split("\n\n")[11]
     assert (root / "arms.md").read_text() == text
