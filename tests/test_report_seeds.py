@@ -15,6 +15,7 @@ from test_report import make_job, make_multirun
 
 import hcm.aggregate
 import hcm.curves
+import hcm.report
 import hcm.science
 import hcm.stats
 from hcm.data.manifest import manifest_hash
@@ -318,7 +319,7 @@ def test_detection_counts(parsed, expected):
 
 
 def test_doctests():
-    for module, least in ((hcm.science, 4), (hcm.aggregate, 1), (hcm.curves, 1)):
+    for module, least in ((hcm.science, 4), (hcm.aggregate, 1), (hcm.curves, 1), (hcm.report, 1)):
         failed, attempted = doctest.testmod(module)
         assert attempted >= least and failed == 0
 
