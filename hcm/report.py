@@ -129,6 +129,17 @@ def read_multirun(folder: Path) -> tuple[dict, str, list[Job]]:
     return spec, str(cfg.get("task_name", folder.name)), jobs
 
 
+def read_multiruns(folders: Sequence[Path]) -> tuple[dict, str, list[Job]]:
+    """`read_multirun` over the parts of one sweep run in several multiruns (a sweep split by
+    seeds across sessions): one layout, the jobs of all parts."""
+    parts = [read_multirun(f) for f in folders]
+    spec, name, _ = parts[0]
+    for folder, (other, other_name, _) in zip(folders, parts, strict=True):
+        if (other, other_name) != (spec, name):
+            raise ValueError(f"{folder} is another sweep than {folders[0]} ({other_name})")
+    return spec, name, [job for *_, jobs in parts for job in jobs]
+
+
 # -- building the table ----------------------------------------------------------------------------
 def matches(job: Job, match: dict) -> bool:
     return all(job.identity.get(k) == str(v) for k, v in match.items())
@@ -364,19 +375,22 @@ def log_to_wandb(spec: dict, rows: Sequence[Row], name: str, project: str, image
 
 # -- entry point -----------------------------------------------------------------------------------
 def report(
-    source: str,
+    source: str | Sequence[str],
     out: str | None = None,
     sweep: str | None = None,
     wandb_log: bool = False,
     project: str = "hcm",
     entity: str | None = None,
 ) -> str:
-    """Write <name>.md/.csv (and the curves) and return the Markdown table."""
-    folder = Path(source)
-    if folder.is_dir():
-        spec, name, jobs = read_multirun(folder)
-        out_dir = Path(out) if out else folder
+    """Write <name>.md/.csv (and the curves) and return the Markdown table. `source`: one or
+    more multirun folders of one sweep (its parts, e.g. split by seeds), or a W&B group."""
+    sources = [source] if isinstance(source, str) else list(source)
+    folders = [Path(s) for s in sources]
+    if all(f.is_dir() for f in folders):
+        spec, name, jobs = read_multiruns(folders)
+        out_dir = Path(out) if out else folders[0]
     else:
+        (source,) = sources  # a W&B group: one
         name = sweep or source
         spec, jobs = load_sweep_spec(name), read_wandb_group(source, project, entity)
         out_dir = Path(out) if out else Path.cwd()
@@ -403,10 +417,13 @@ def main(argv: Sequence[str] | None = None) -> None:
         "(Markdown and CSV, plus reward/KL curves) beside them.",
     )
     parser.add_argument(
-        "source", help="a multirun folder (outputs/multirun/<table>/<date>) or a W&B group"
+        "source",
+        nargs="+",
+        help="a multirun folder (outputs/multirun/<table>/<date>), several parts of one sweep "
+        "(e.g. its seeds run in different sessions), or a W&B group",
     )
     parser.add_argument(
-        "--out", help="where to write the table (default: the multirun folder, or .)"
+        "--out", help="where to write the table (default: the (first) multirun folder, or .)"
     )
     parser.add_argument(
         "--sweep", help="W&B source: the sweeps/<name>.yaml layout (default: the group)"

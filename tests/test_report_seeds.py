@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import doctest
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -45,6 +46,23 @@ def seeded_table6(root: Path) -> Path:
     # a fourth grpo_1b seed that crashed: the row averages the three that finished
     make_job(root, num, {"experiment": "grpo_1b"}, ["experiment=grpo_1b", "seed=3"])
     return root
+
+
+def test_a_sweep_split_by_seeds_reports_as_one(tmp_path):
+    """Seeds run in different sessions (two multirun folders of one sweep) give the table one
+    multirun of all of them gives."""
+    whole = report(str(seeded_table6(tmp_path / "whole")), out=str(tmp_path / "a"))
+    parts = [make_multirun(tmp_path / f"part{i}", "table6") for i in (0, 1)]
+    for job in sorted((tmp_path / "whole").iterdir()):
+        if job.is_dir():  # seed 0 (and the runs without a seed) in one part, the rest in the other
+            overrides = (job / ".hydra" / "overrides.yaml").read_text()
+            seed0 = "seed=" not in overrides or "seed=0" in overrides
+            shutil.copytree(job, parts[0 if seed0 else 1] / job.name)
+    split = report([str(p) for p in parts], out=str(tmp_path / "b"))
+    assert split.splitlines()[:14] == whole.splitlines()[:14]
+    other = make_multirun(tmp_path / "t7", "table7")
+    with pytest.raises(ValueError, match="another sweep"):
+        report([str(parts[0]), str(other)])
 
 
 def test_seeds_are_averaged_with_t_intervals_and_paired_deltas(tmp_path):
