@@ -161,6 +161,7 @@ class Rule:
 RULES: tuple[Rule, ...] = (
     Rule("seed", int_at_least(0)),
     Rule("on_code_change", one_of(("warn", "refuse"))),
+    Rule("keep_checkpoints", BOOL),
     # model
     Rule("model.name_or_path", NON_EMPTY_STR),
     Rule("model.dtype", one_of(DTYPE_NAMES)),

@@ -69,6 +69,7 @@ NOT_IDENTITY = (
     "module.log_completions_prompts",
     "module.mining.cache_path",
     "on_code_change",
+    "keep_checkpoints",
 )
 # GRPO's data schedule: no SFT or evaluation stage reads it, so a Table 7 sweep's
 # `data.composition=...` (applied to every stage) leaves their identity alone.
@@ -275,9 +276,25 @@ def start_checkpoint(cfg: DictConfig) -> str | None:
     if not ckpt:
         return None
     if not Path(ckpt).is_file():
-        raise FileNotFoundError(f"init_ckpt={ckpt} does not exist: has the stage it continues run?")
+        raise FileNotFoundError(
+            f"init_ckpt={ckpt} does not exist: has the stage it continues run? (A finished stage "
+            "keeps its checkpoint only when a stage of its pipeline continues from it: remove "
+            "that stage's folder to train it again, or set keep_checkpoints=true)"
+        )
     check_checkpoint(ckpt)
     return str(ckpt)
+
+
+def release_checkpoints(cfg: DictConfig, output_dir: Path) -> None:
+    """After stage.json: remove checkpoints/ unless a later stage resumes from it (a prefix that
+    stops at the switch, or `keep_checkpoints`, which a pipeline sets for a continued stage)."""
+    module = cfg.get("module") or {}
+    if cfg.get("keep_checkpoints") or module.get("stop_at_switch"):
+        return
+    folder = Path(output_dir) / "checkpoints"
+    if folder.is_dir():
+        shutil.rmtree(folder)
+        log.info("removed %s: the stage is finished and exported (keep_checkpoints=false)", folder)
 
 
 def hard_set_digest(indices: list[int] | None) -> dict[str, Any] | None:

@@ -74,6 +74,7 @@ def run_stage(cfg: DictConfig) -> dict[str, Any]:
                 inputs=stages.stage_inputs(cfg, datamodule.read_manifests()),
                 metrics=metrics,
             )
+            stages.release_checkpoints(cfg, output_dir)
         return metrics
     finally:
         finish_loggers(loggers)
@@ -153,6 +154,9 @@ def compose_stages(cfg: DictConfig) -> list[tuple[str, str, DictConfig]]:
                 folder = Path(store) / f"{name}-{stages.config_hash(stage_cfg)}"
                 stage_cfg.paths.output_dir = str(folder)
         log.debug("pipeline stage %s (%s): %s", name, kind, " ".join(overrides))
+        if stage.get("continue_from"):  # its checkpoint is where this stage starts
+            with open_dict(by_name[stage.continue_from]):
+                by_name[stage.continue_from].keep_checkpoints = True
         composed.append((name, kind, stage_cfg))
         by_name[name] = stage_cfg
     unrouted = [o for o in user_overrides if o not in routed_somewhere]

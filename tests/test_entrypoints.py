@@ -57,6 +57,7 @@ def test_train_then_eval_cli(tmp_path, hcm_root):
         str(REPO / "train.py"),
         "experiment=tiny_sft",
         "trainer.max_epochs=1",
+        "keep_checkpoints=true",  # evaluated from its Lightning checkpoint below
         f"hydra.run.dir={out}",
         cwd=tmp_path,
     )
@@ -143,6 +144,8 @@ def test_pipeline_chains_resumes_and_refuses_changed_config(compose_cfg):
     assert metrics["test/score/count"] == 16
     for name in ("sft_1_1", "sft_1_2", "grpo"):
         assert (stages / name / "stage.json").is_file(), name
+        # finished, exported, continued by no stage: its checkpoints (weights and AdamW) are gone
+        assert not (stages / name / "checkpoints").exists(), name
     grpo = json.loads((stages / "grpo" / "stage.json").read_text())
     assert grpo["init_model"] == str((stages / "sft_1_2").resolve() / "model")
     hard = json.loads((stages / "grpo" / "hard_cases.json").read_text())

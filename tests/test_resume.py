@@ -177,6 +177,9 @@ def test_a_split_stage_killed_after_its_switch_ends_as_an_uninterrupted_one(tmp_
         assert {k: want.get(k) for k in got} == got, stage
     a, b = (d / "stages/arm/model/model.safetensors" for d in (ref, run))
     assert a.read_bytes() == b.read_bytes()
+    # the prefix keeps the checkpoint the arm continued from; the finished arm keeps none
+    assert (run / "stages/grpo/checkpoints/last.ckpt").is_file()
+    assert not (run / "stages/arm/checkpoints").exists()
 
 
 # -- what a resume checks ---------------------------------------------------------------------
