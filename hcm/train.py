@@ -160,7 +160,9 @@ def compose_stages(cfg: DictConfig) -> list[tuple[str, str, DictConfig]]:
         composed.append((name, kind, stage_cfg))
         by_name[name] = stage_cfg
     unrouted = [o for o in user_overrides if o not in routed_somewhere]
-    added = [o for o in unrouted if o.startswith("+")]  # a new key no stage has: a typo
+    # `+key` adds a key no stage has: a typo. `++key` sets it wherever it exists, and is what a
+    # sweep shares across pipelines whose stages differ (an eval-only one has no `callbacks`).
+    added = [o for o in unrouted if o.startswith("+") and not o.startswith("++")]
     if added:
         raise ConfigError(
             f"{', '.join(added)}: no stage of this pipeline ({', '.join(by_name)}) has a place "

@@ -206,10 +206,15 @@ def test_a_pipeline_override_reaches_the_stages_that_have_its_key(compose_cfg, o
     assert got == reaches
 
 
-def test_a_pipeline_override_no_stage_has_is_refused_naming_it(compose_cfg):
+def test_a_pipeline_override_no_stage_has_is_refused_naming_it(compose_cfg, caplog):
     from hcm.train import compose_stages
 
     # an SFT-only pipeline: its stages have no GRPO fast-path settings
-    cfg = compose_cfg("train", ["experiment=paper_cot_sft_1b", "++module.fast.cache=static"])
+    cfg = compose_cfg("train", ["experiment=paper_cot_sft_1b", "+module.fast.cache=static"])
     with pytest.raises(ConfigError, match=r"module\.fast\.cache=static: no stage of this"):
         compose_stages(cfg)
+    # ++ (set it where it exists) is what a sweep shares across pipelines: a warning only
+    cfg = compose_cfg("train", ["experiment=paper_cot_sft_1b", "++module.fast.cache=static"])
+    with caplog.at_level("WARNING", logger="hcm.train"):
+        compose_stages(cfg)
+    assert "++module.fast.cache=static" in caplog.text and "no stage of this" in caplog.text
