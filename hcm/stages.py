@@ -69,6 +69,7 @@ NOT_IDENTITY = (
     "module.log_completions_every_n_steps",
     "module.log_completions_prompts",
     "module.mining.cache_path",
+    "module.mining.hash_cache",
     "on_code_change",
 )
 # GRPO's data schedule: no SFT or evaluation stage reads it, so a Table 7 sweep's

@@ -218,9 +218,10 @@ class ScreeningDataModule(L.LightningDataModule):
         manifest's and this rule's, else mined (`hcm.mining.mine`) by `answer(batch)`, the
         initial policy answering within `max_new_tokens`. Each rank answers its shard."""
         ids = [r.id for r in self.load(self.train_split)]
+        hashes = Path(rule.hash_cache) if rule.hash_cache else None
         key = {
             "model": policy,
-            "fingerprint": model_fingerprint(policy),
+            "fingerprint": model_fingerprint(policy, hashes),
             "manifest_sha256": manifest_hash(self.manifest(self.train_split)),
             "params": cache_params(
                 rule,
@@ -228,6 +229,9 @@ class ScreeningDataModule(L.LightningDataModule):
                 self.prompt,
                 self.image_layout,
                 self.model_cfg.get("max_patches"),
+                chat_template=self.prompt_collate.builder.tokenizer.chat_template,
+                precision=str(self.trainer.precision),
+                seed=self.seed,
             ),
         }
         default = Path(self.trainer.default_root_dir) / "hard_cases.json"
