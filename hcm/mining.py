@@ -179,21 +179,25 @@ def mine(
     `answer(batch)` returns the k answers of each case of a PromptCollator batch, case-major
     ([c0a0 .. c0a{k-1}, c1a0, ...]), as `.texts` and `.truncated` (a Generation). `batches` may
     cover only some cases (this rank's shard): `reduce` sums the (2, N, k) verdicts across
-    ranks, each case answered on exactly one. `metric.judge` rules on each answer.
+    ranks, each case answered on exactly one. A batch's `scored` (default: all) counts its
+    first rows that are this rank's cases; the rest pad the shard and are answered, not judged.
+    `metric.judge` rules on each answer.
     """
     k, position = rule.k, {case: n for n, case in enumerate(ids)}
     right = torch.zeros(len(ids), k)  # (N, k)
     truncated = torch.zeros(len(ids), k)  # (N, k)
     verdicts: list[dict] = []
     for batch in batches:
-        rows = [position[case] for case in batch["ids"]]
         out = answer(batch)
-        if len(out.texts) != len(rows) * k:
-            raise RuntimeError(f"{len(out.texts)} answers for {len(rows)} cases x k={k}")
-        truncated[rows] = out.truncated.float().cpu().view(len(rows), k)
-        labels = [batch[key] for key in metric.batch_keys]
+        if len(out.texts) != len(batch["ids"]) * k:
+            raise RuntimeError(f"{len(out.texts)} answers for {len(batch['ids'])} cases x k={k}")
+        n = batch.get("scored", len(batch["ids"]))
+        rows = [position[case] for case in batch["ids"][:n]]
+        texts = out.texts[: n * k]  # (n*k,) case-major
+        truncated[rows] = out.truncated[: n * k].float().cpu().view(n, k)
+        labels = [batch[key][:n] for key in metric.batch_keys]
         for s in range(k):  # answer s of every case in the batch
-            judged = metric.judge(out.texts[s::k], *labels)
+            judged = metric.judge(texts[s::k], *labels)
             for j, i in enumerate(rows):
                 right[i, s] = float(is_right(judged[j], rule.correct))
             if s == 0:

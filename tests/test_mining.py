@@ -16,6 +16,7 @@ from torch import nn
 import hcm.data.datamodule as datamodule
 import hcm.model.generation as generation
 from hcm.data.hard_cases import HardCaseSet
+from hcm.data.sampler import EvalSampler
 from hcm.mining import Mining, mine, model_fingerprint
 from hcm.model.generation import banned_token_ids
 from hcm.screening_score import ScreeningScore
@@ -214,6 +215,31 @@ def test_mine_is_a_function_of_the_answers_the_cases_and_the_rule(k, pass_thresh
     assert mined.right.shape == mined.truncated.shape == (3, k)
     assert mined.truncated[:, 0].tolist() == [0.0, 0.0, 1.0]
     assert [v["id"] for v in mined.verdicts] == ids  # each case's first answer, judged
+
+
+def test_mining_shards_pad_to_equal_batches_and_judge_each_case_once():
+    """The paper's 1,044 training cases on 5 ranks in batches of 8: split round-robin, ranks
+    0-3 would answer 27 batches and rank 4 26 (one generate call short: a hang under FSDP).
+    Padded as evaluation pads, every rank answers 27, and the repeats are judged on no rank."""
+    n, world, size = 1044, 5, 8
+    ids = [f"c{i}" for i in range(n)]
+    plans = [EvalSampler(ids, rank, world).batches(size) for rank in range(world)]
+    assert [len(plan) for plan in plans] == [27] * world
+
+    def answer(batch):  # every answer right: each judged case adds 1 to its count
+        rows = len(batch["ids"])
+        return SimpleNamespace(texts=["<answer>B</answer>"] * rows, truncated=torch.zeros(rows))
+
+    rule = Mining(None, 1, 1.0, 1.0, "metric", None)
+    judged = torch.zeros(n)
+    for plan in plans:  # each rank mines its shard
+        batches = [
+            {"ids": [ids[i] for i in rows], "answers": ["B"] * len(rows),
+             "dimensions": [[] for _ in rows], "scored": scored}
+            for rows, scored in plan
+        ]  # fmt: skip
+        judged += mine(answer, batches, ids, ScreeningScore(), rule).right[:, 0]
+    assert judged.tolist() == [1.0] * n
 
 
 def test_model_fingerprint(tmp_path):

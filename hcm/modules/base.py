@@ -210,10 +210,10 @@ class ScreeningModule(L.LightningModule):
         rank's shard (hcm.data.sampler.EvalSampler), so each sample counts once."""
         loaders = self.trainer.val_dataloaders if self.trainer.validating else None
         loader = loaders if loaders is not None else self.trainer.test_dataloaders
-        unique = getattr(getattr(loader, "sampler", None), "unique", None)
-        if unique is None:  # a loader of another kind: every row is its own sample
+        scored = getattr(getattr(loader, "sampler", None), "scored", None)
+        if scored is None:  # a loader of another kind: every row is its own sample
             return n
-        return max(0, min(n, unique - batch_idx * loader.batch_size))
+        return scored(batch_idx, loader.batch_size, n)
 
     def _log_score(self, metric: Any, truncated: MeanMetric, prefix: str) -> dict[str, float]:
         values = {f"{prefix}/score/{k}": v for k, v in metric.compute().items()}
