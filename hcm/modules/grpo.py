@@ -182,6 +182,7 @@ class GRPOModule(ScreeningModule):
         return answer
 
     def on_train_start(self) -> None:
+        super().on_train_start()
         # A shared first stage that died after its switch-epoch checkpoint (while exporting, say)
         # resumes at the switch: its epochs are done, and it must not train one more.
         if self.stop_at_switch and self.current_epoch >= self.trainer.datamodule.switch_epoch:
