@@ -52,18 +52,47 @@ def replace_folder(tmp: Path, target: Path) -> None:
 
 
 @contextlib.contextmanager
-def folder_lock(folder: Path, holder: str = "another job") -> Iterator[None]:
+def folder_lock(folder: Path, holder: str = "another job", token: str = "") -> Iterator[None]:
     """Hold `<folder>.lock` (an exclusive flock): a concurrent job that would write `folder`
     waits here, then finds it written. The OS drops the lock when its holder dies, so a crashed
-    owner's folder is taken over at once by the next job."""
+    owner's folder is taken over at once by the next job. While held, the file holds `token`
+    (who holds it: `lock_token` reads it), emptied again before the lock is let go."""
     folder.parent.mkdir(parents=True, exist_ok=True)
-    with open(folder.parent / f"{folder.name}.lock", "w") as handle:
+    # "a+", not "w": a job that opens the file to wait must not erase the holder's token
+    with open(lock_path(folder), "a+") as handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             log.info("waiting for %s: %s holds it", folder, holder)
             fcntl.flock(handle, fcntl.LOCK_EX)
         try:
+            _write_token(handle, token)
             yield
         finally:
+            _write_token(handle, "")
             fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def lock_path(folder: Path) -> Path:
+    return folder.parent / f"{folder.name}.lock"
+
+
+def _write_token(handle, token: str) -> None:
+    handle.truncate(0)
+    handle.write(token)  # ("a+" appends: at 0 after the truncate)
+    handle.flush()
+
+
+def lock_token(folder: Path) -> str | None:
+    """The token of the job holding `folder`'s lock; None while nobody holds it (a token left
+    by a holder that died is not its job's: the OS has dropped the lock)."""
+    path = lock_path(folder)
+    if not path.is_file():
+        return None
+    with open(path) as handle:
+        try:  # a shared lock is refused only while an exclusive one is held
+            fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return handle.read()
+        fcntl.flock(handle, fcntl.LOCK_UN)
+        return None

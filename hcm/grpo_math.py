@@ -52,6 +52,28 @@ def zero_variance_groups(rewards: torch.Tensor, group_size: int) -> torch.Tensor
     return grouped.amax(dim=1) == grouped.amin(dim=1)
 
 
+def redraw_plan(flat: torch.Tensor, wanted_anywhere: bool) -> tuple[list[int], bool] | None:
+    """One round of DAPO's dynamic sampling on one rank: which prompts to sample again, and
+    whether to keep what comes out; None when no rank has a zero-variance group left.
+
+    Every rank must call `generate` as often as the others (under FSDP each forward is
+    collective), so the ranks redraw while any rank still has such a group (`wanted_anywhere`,
+    all-reduced by the caller); a rank with none left samples its first prompt to stay in step,
+    and discards that draw, keeping the completions it has.
+
+    >>> redraw_plan(torch.tensor([False, True]), wanted_anywhere=True)
+    ([1], True)
+    >>> redraw_plan(torch.tensor([False, False]), wanted_anywhere=True)  # another rank's turn
+    ([0], False)
+    >>> redraw_plan(torch.tensor([False, False]), wanted_anywhere=False) is None
+    True
+    """
+    if not wanted_anywhere:
+        return None
+    prompts = flat.nonzero().squeeze(1).tolist()
+    return (prompts, True) if prompts else ([0], False)
+
+
 def group_advantages(
     rewards: torch.Tensor, group_size: int, scale: str = "group", eps: float = 1e-4
 ) -> torch.Tensor:

@@ -11,7 +11,8 @@ case (at `temperature`, full softmax) and a pass-rate threshold, a case is easy 
 `mine` is the whole rule as a function of an `answer(batch)` callable (the policy, or a stub in
 tests), the batches of training cases and the rule: no Lightning. Its owner is the datamodule
 (`ScreeningDataModule.mine_hard_cases`), which shards the cases across ranks, caches the result
-(`HardCaseSet`, keyed by `cache_key`), checkpoints it and hands it to the sampler.
+(`HardCaseSet`, keyed by `model_fingerprint` and `cache_params`), checkpoints it and hands it to
+the sampler.
 """
 
 from __future__ import annotations
@@ -27,9 +28,13 @@ from typing import Any
 import numpy as np
 import torch
 
+from hcm import fingerprints
+
 log = logging.getLogger(__name__)
 
 CORRECTNESS = ("metric", "exact")  # which answers mining calls right (module docstring)
+# The files of a model folder that decide its answers (the chat template enters by its text)
+WEIGHT_SUFFIXES = (".json", ".safetensors", ".bin")
 
 
 def classify(
@@ -75,6 +80,7 @@ class Mining:
     temperature: float  # with k > 1: sampling temperature (full softmax)
     correct: str  # "metric" or "exact" (module docstring)
     batch_size: int | None  # cases per answer() call; None: data.eval_batch_size
+    hash_cache: str | None = None  # where the weights' sha256 are cached (model_fingerprint)
 
     def sampling(self) -> dict[str, Any]:
         """How `answer` must decode: greedily, or k samples per case at `temperature`."""
@@ -95,24 +101,16 @@ class Mined:
     verdicts: list[dict]
 
 
-def model_fingerprint(path: str | Path) -> str:
-    """Identify a model folder by its config and the size and head of each weight file.
-
-    Hashing multi-GB weights in full costs seconds per GB; a weight file that changed keeps its
-    size and first MiB only by design, which training never does.
-    """
-    path = Path(path)
-    h = hashlib.sha256()
-    if not path.is_dir():  # a hub id: its name is its identity
-        h.update(str(path).encode())
-        return h.hexdigest()
-    for f in sorted(path.iterdir()):
-        if f.suffix in (".json", ".safetensors", ".bin"):
-            h.update(f.name.encode())
-            h.update(str(f.stat().st_size).encode())
-            with f.open("rb") as fh:
-                h.update(fh.read(1 << 20))
-    return h.hexdigest()
+def model_fingerprint(path: str | Path, cache: Path | None = None) -> str:
+    """Identify a model folder by the sha256 of its config and weight files (a hub id by its
+    name and cached revision). The hashes are cached in `cache` by size and mtime
+    (`hcm.fingerprints.sha256_file`), so a model is read in full once, not at every stage."""
+    files = [f for f in fingerprints.model_files(str(path)) if f.suffix in WEIGHT_SUFFIXES]
+    if files:
+        blob = {f.name: fingerprints.sha256_file(f, cache) for f in files}
+    else:  # a hub id
+        blob = {fingerprints.HUB + str(path): fingerprints.hub_revision(str(path))}
+    return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()
 
 
 def is_right(verdict: dict[str, Any], correct: str) -> bool:
@@ -131,25 +129,40 @@ def is_right(verdict: dict[str, Any], correct: str) -> bool:
 
 
 def cache_params(
-    rule: Mining, max_new_tokens: int, prompt: Any, image_layout: str, max_patches: int | None
+    rule: Mining,
+    max_new_tokens: int,
+    prompt: Any,
+    image_layout: str,
+    max_patches: int | None,
+    *,
+    chat_template: str | None,
+    precision: str,
+    seed: int,
 ) -> dict[str, Any]:
     """Everything besides the model and the manifest that decides the hard set: the cache key.
 
-    The prompt enters by its text, not its name, and with the image layout and tiling, since
-    they change what the model sees; the temperature only when sampling (k > 1).
+    The prompt enters by its text, not its name, and with the chat template that wraps it, the
+    image layout and tiling, since they change what the model sees; the precision mining
+    decodes in (bf16 autocast changes greedy answers); the temperature and the seed only when
+    sampling (k > 1). Inside a stage's hashed folder the config covers most of these, but
+    `module.mining.cache_path` may name a file that jobs of other configs share.
     """
     prompt_text = json.dumps([prompt.system, prompt.user])
+    sampled = rule.k > 1
     return {
         "k": rule.k,
         "pass_threshold": rule.pass_threshold,
-        "greedy": rule.k == 1,
-        "temperature": rule.temperature if rule.k > 1 else None,
+        "greedy": not sampled,
+        "temperature": rule.temperature if sampled else None,
+        "seed": seed if sampled else None,
         "max_new_tokens": max_new_tokens,
         "correct": rule.correct,
         "prompt": prompt.name,
         "prompt_sha256": hashlib.sha256(prompt_text.encode()).hexdigest(),
+        "chat_template_sha256": hashlib.sha256((chat_template or "").encode()).hexdigest(),
         "image_layout": image_layout,
         "max_patches": max_patches,
+        "precision": precision,
     }
 
 
@@ -166,21 +179,25 @@ def mine(
     `answer(batch)` returns the k answers of each case of a PromptCollator batch, case-major
     ([c0a0 .. c0a{k-1}, c1a0, ...]), as `.texts` and `.truncated` (a Generation). `batches` may
     cover only some cases (this rank's shard): `reduce` sums the (2, N, k) verdicts across
-    ranks, each case answered on exactly one. `metric.judge` rules on each answer.
+    ranks, each case answered on exactly one. A batch's `scored` (default: all) counts its
+    first rows that are this rank's cases; the rest pad the shard and are answered, not judged.
+    `metric.judge` rules on each answer.
     """
     k, position = rule.k, {case: n for n, case in enumerate(ids)}
     right = torch.zeros(len(ids), k)  # (N, k)
     truncated = torch.zeros(len(ids), k)  # (N, k)
     verdicts: list[dict] = []
     for batch in batches:
-        rows = [position[case] for case in batch["ids"]]
         out = answer(batch)
-        if len(out.texts) != len(rows) * k:
-            raise RuntimeError(f"{len(out.texts)} answers for {len(rows)} cases x k={k}")
-        truncated[rows] = out.truncated.float().cpu().view(len(rows), k)
-        labels = [batch[key] for key in metric.batch_keys]
+        if len(out.texts) != len(batch["ids"]) * k:
+            raise RuntimeError(f"{len(out.texts)} answers for {len(batch['ids'])} cases x k={k}")
+        n = batch.get("scored", len(batch["ids"]))
+        rows = [position[case] for case in batch["ids"][:n]]
+        texts = out.texts[: n * k]  # (n*k,) case-major
+        truncated[rows] = out.truncated[: n * k].float().cpu().view(n, k)
+        labels = [batch[key][:n] for key in metric.batch_keys]
         for s in range(k):  # answer s of every case in the batch
-            judged = metric.judge(out.texts[s::k], *labels)
+            judged = metric.judge(texts[s::k], *labels)
             for j, i in enumerate(rows):
                 right[i, s] = float(is_right(judged[j], rule.correct))
             if s == 0:

@@ -21,6 +21,7 @@ import logging
 import os
 import shutil
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -37,7 +38,7 @@ from hcm.checkpoints import (
 )
 from hcm.config import REPO_DIR, ConfigError
 from hcm.faults import fault_point
-from hcm.files import atomic_write_text, folder_lock, replace_folder
+from hcm.files import atomic_write_text, folder_lock, lock_token, replace_folder
 from hcm.model.loading import resolve_attn_implementation, resolve_dtype
 from hcm.runtime import precision_for
 
@@ -68,6 +69,7 @@ NOT_IDENTITY = (
     "module.log_completions_every_n_steps",
     "module.log_completions_prompts",
     "module.mining.cache_path",
+    "module.mining.hash_cache",
     "on_code_change",
     "keep_checkpoints",
 )
@@ -326,12 +328,81 @@ def claim(folder: Path) -> Iterator[None]:
     """Hold `<folder>.lock` while this process runs the stage: a job of a concurrent sweep that
     needs the same stage waits here, then finds it finished. The OS drops the lock when its
     holder dies, so a crashed owner's stage is taken over by the next job, which resumes it
-    from its checkpoint. Only the launching process locks: under DDP the other ranks follow it."""
-    if os.environ.get("LOCAL_RANK", "0") != "0" or os.environ.get("NODE_RANK", "0") != "0":
-        yield
+    from its checkpoint.
+
+    Only the launching process (rank 0) locks. Under DDP the other ranks run the pipeline too,
+    and reach a stage while rank 0 may still be waiting for another job to release it: they
+    wait (`wait_for_rank_zero`) until rank 0 holds the lock, before they read the folder's
+    marker or clear its checkpoint temporaries (the other job's writes in flight)."""
+    if os.environ.get("LOCAL_RANK", "0") == "0" and os.environ.get("NODE_RANK", "0") == "0":
+        with folder_lock(folder, "another job running this stage", launch_token(rank_zero=True)):
+            yield
         return
-    with folder_lock(folder, "another job running this stage"):
-        yield
+    wait_for_rank_zero(folder, launch_token(rank_zero=False))
+    yield
+
+
+LAUNCH = "HCM_LAUNCH_ID"
+# How long a rank > 0 waits while nobody holds its stage's lock: rank 0 takes it within moments
+# of finishing the previous stage (an export), so this long means rank 0 is gone. As long as a
+# collective waits for a missing rank (torch.distributed's default timeout).
+RANK_ZERO_IDLE_S = 30 * 60
+
+
+def launch_token(rank_zero: bool) -> str | None:
+    """What every rank of one launch shares and no other launch has: torchrun's run id, restart
+    and rendezvous address; else `<rank 0's pid>:<random>`, set by rank 0 in its environment
+    before Lightning starts the other ranks from it (they inherit it). A token that a parent
+    process passed down (pid not ours) is another launch's: rank 0 makes its own."""
+    if "TORCHELASTIC_RUN_ID" in os.environ:
+        keys = ("TORCHELASTIC_RUN_ID", "TORCHELASTIC_RESTART_COUNT", "MASTER_ADDR", "MASTER_PORT")
+        return "torchrun:" + ":".join(os.environ.get(k, "") for k in keys)
+    token = os.environ.get(LAUNCH)
+    if rank_zero and (token is None or token.split(":")[0] != str(os.getpid())):
+        token = os.environ[LAUNCH] = f"{os.getpid()}:{uuid.uuid4().hex}"
+    return token
+
+
+def wait_for_rank_zero(
+    folder: Path, token: str | None, poll_s: float = 1.0, idle_s: float = RANK_ZERO_IDLE_S
+) -> None:
+    """Return once this launch's rank 0 holds `folder`'s lock (its `token` in the lock file), or
+    the stage has finished (rank 0 then skips it as well). Raises when rank 0 has exited (its
+    pid is in a Lightning launch's token), or when nobody has held the lock for `idle_s`;
+    while another job holds it, rank 0 is waiting behind that job, and so does this rank."""
+    rank = os.environ.get("LOCAL_RANK", "?")
+    if token is None:
+        raise RuntimeError(
+            f"rank {rank} cannot tell when its rank 0 holds {folder}: launch with Lightning "
+            f"(trainer.devices=N) or torchrun, or set {LAUNCH} to one value for all ranks"
+        )
+    idle_since = time.monotonic()
+    while True:
+        holder = lock_token(folder)
+        if holder == token or (folder / MARKER).is_file():
+            return
+        if holder is not None:
+            idle_since = time.monotonic()
+        elif time.monotonic() - idle_since > idle_s:
+            raise RuntimeError(
+                f"rank {rank}: nobody has held {folder}'s lock for {idle_s:.0f} s, and rank 0 "
+                "of this launch never took it; stopping rather than waiting for ever"
+            )
+        pid = token.split(":")[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            raise RuntimeError(
+                f"rank {rank}: rank 0 of this launch (pid {pid}) exited before it held "
+                f"{folder}'s lock; see its log for why"
+            )
+        time.sleep(poll_s)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except OSError:  # no such process, or another user's that has taken its pid
+        return False
+    return True
 
 
 def export_model(model, tokenizer, image_processor, output_dir: Path) -> Path:

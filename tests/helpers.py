@@ -42,11 +42,13 @@ def letter_e(completion: str) -> float:
 def toy_reward_site() -> str:
     """A sitecustomize.py registering `letter_e` as a reward at interpreter start: written on the
     PYTHONPATH of a train.py subprocess (and so of every DDP rank Lightning re-launches), it lets
-    the run's config name `module.rewards.letter_e`."""
+    the run's config name `module.rewards.letter_e`. It imports hcm before train.py's folder is
+    on sys.path: from this checkout, not from wherever else hcm is installed."""
     return textwrap.dedent(
         f"""
         import sys
 
+        sys.path[:0] = [{str(TESTS.parent)!r}]
         sys.path.append({str(TESTS)!r})
         from helpers import letter_e
         from hcm.rewards import REWARDS

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -230,3 +231,49 @@ def test_ddp_evaluation_scores_each_sample_once(tmp_path, hcm_root, recorder):
         run = run_cli(tmp_path, "train.py", name, *stage, *fit)
         metrics = json.loads((run / "stage.json").read_text())["metrics"]
         assert scores(metrics, "val") == pytest.approx(expected), name
+
+
+@pytest.mark.slow
+def test_ddp_ranks_wait_for_rank_zero_to_hold_the_stage_lock(tmp_path, hcm_root, recorder):
+    """Rank 1 enters a pipeline's second stage while rank 0 still waits for that stage's lock,
+    held here by another job whose checkpoint write is under way: rank 1 must leave the stage's
+    folder alone until rank 0 holds the lock, and both must then run the stage."""
+    import time
+
+    from hcm.files import folder_lock
+
+    run = tmp_path / "locked"
+    second = run / "stages" / "sft_1_2"
+    in_flight = second / "checkpoints" / ".last.ckpt.tmp-1"  # another job's write, under way
+    in_flight.parent.mkdir(parents=True)
+    in_flight.write_bytes(b"half a checkpoint")
+    args = [
+        sys.executable, str(REPO / "train.py"), "experiment=tiny_hcm", "pipeline.grpo=null",
+        "pipeline.eval=null", "paths.stage_store=null", "trainer=ddp", "trainer.accelerator=cpu",
+        "trainer.devices=2", "trainer.max_epochs=1", "+trainer.limit_train_batches=1",
+        "trainer.limit_val_batches=0", "data.batch_size=1", "callbacks.progress_bar=null",
+        f"hydra.run.dir={run}",
+    ]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"}
+    with folder_lock(second, "the test"):
+        job = subprocess.Popen(
+            args, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            text=True, start_new_session=True,
+        )  # fmt: skip
+        try:
+            first = run / "stages" / "sft_1_1" / "stage.json"
+            deadline = time.monotonic() + 600
+            while not first.is_file() and job.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.5)
+            assert first.is_file(), job.communicate()[0][-4000:] if job.poll() is not None else ""
+            time.sleep(10)  # rank 1 reaches the second stage at once; rank 0 waits for the lock
+            assert in_flight.is_file()  # not removed as if a crash had left it
+            assert job.poll() is None
+        except BaseException:
+            os.killpg(job.pid, signal.SIGKILL)  # both ranks
+            raise
+    out, _ = job.communicate(timeout=600)
+    assert job.returncode == 0, out[-4000:]
+    done = json.loads((second / "stage.json").read_text())
+    assert done["kind"] == "sft" and done["metrics"]
+    assert not in_flight.exists()  # the lock's holder, rank 0, then cleared the dead write

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from hcm.grpo_math import group_advantages, policy_loss, zero_variance_groups
+from hcm.grpo_math import group_advantages, policy_loss, redraw_plan, zero_variance_groups
 
 # ---------------------------------------------------------------- group_advantages
 
@@ -278,3 +278,35 @@ def test_policy_loss_matches_trl_formula(loss_type, agg, eps_high):
     assert abs(ours.item() - theirs.item()) < 1e-6
     torch.testing.assert_close(ours_logp.grad, trl_logp.grad, rtol=0, atol=1e-6)
     assert ((base - old).exp().lt(0.8) | (base - old).exp().gt(1.2)).any()  # clipping exercised
+
+
+@pytest.mark.parametrize(
+    ("flat", "wanted_anywhere", "plan"),
+    [
+        ([False, True, True], True, ([1, 2], True)),  # this rank's zero-variance groups
+        ([False, False, False], True, ([0], False)),  # another rank's: draw, then discard
+        ([False, False, False], False, None),  # no rank has any: stop
+    ],
+)
+def test_redraw_plan(flat, wanted_anywhere, plan):
+    assert redraw_plan(torch.tensor(flat), wanted_anywhere) == plan
+
+
+def test_ranks_redraw_in_step_while_any_rank_wants_to():
+    """Two ranks under DDP: rank 0's groups gain variance at the first redraw, rank 1's at the
+    third. Both must call generate 3 times; rank 0 keeps only its first redraw."""
+    still_flat = {0: [True, False], 1: [True, True, True, False]}  # after each draw
+    draws, kept = {0: 0, 1: 0}, {0: 0, 1: 0}
+    for _ in range(5):  # resample_zero_variance = 5
+        flat = {
+            r: torch.tensor([still_flat[r][min(kept[r], len(still_flat[r]) - 1)]]) for r in draws
+        }
+        anywhere = any(bool(f.any()) for f in flat.values())  # the all-reduce
+        plans = {r: redraw_plan(flat[r], anywhere) for r in draws}
+        if plans[0] is None:
+            assert plans[1] is None
+            break
+        for r, (_, keep) in plans.items():
+            draws[r] += 1
+            kept[r] += keep
+    assert draws == {0: 3, 1: 3} and kept == {0: 1, 1: 3}

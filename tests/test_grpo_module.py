@@ -177,6 +177,34 @@ def test_rollout_layout_and_masks(compose_cfg):
     assert (r.ref_logprobs[m] < 0).all()
 
 
+def test_a_rank_without_zero_variance_groups_draws_in_step_and_keeps_its_rollout(
+    compose_cfg, monkeypatch
+):
+    """Under FSDP every rank calls generate as often as the others: while another rank still
+    redraws (a fake all-reduce says so twice), this rank samples too and keeps its rollout."""
+    _, dm, module = build(compose_cfg, "module.resample_zero_variance=3")
+    draws = []
+    sample = module._sample
+
+    def spy(inputs):
+        draws.append(inputs["input_ids"].shape[0])
+        return sample(inputs)
+
+    other_rank = iter([True, True, False])  # the other rank's groups: flat, flat, then not
+    monkeypatch.setattr(module, "_sample", spy)
+    monkeypatch.setattr(module, "_any_rank", lambda flag: flag or next(other_rank))
+    monkeypatch.setattr(  # every group of this rank has reward variance
+        grpo_module, "score", lambda texts, answers, weights: (torch.arange(len(texts)) * 1.0, {})
+    )
+    batch = first_prompts(dm)
+    torch.manual_seed(0)
+    r = module.generate(batch)
+    texts = list(r.texts)
+    module.reward(r)
+    assert draws == [2, 1, 1]  # the rollout, then two draws of one prompt, in step
+    assert r.texts == texts and r.rewards.tolist() == list(range(2 * module.G))
+
+
 def test_rollout_never_samples_image_tokens(compose_cfg):
     _, dm, module = build(compose_cfg, "module.resample_zero_variance=2")
     banned = banned_token_ids(module.tokenizer)

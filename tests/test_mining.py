@@ -16,6 +16,7 @@ from torch import nn
 import hcm.data.datamodule as datamodule
 import hcm.model.generation as generation
 from hcm.data.hard_cases import HardCaseSet
+from hcm.data.sampler import EvalSampler
 from hcm.mining import Mining, mine, model_fingerprint
 from hcm.model.generation import banned_token_ids
 from hcm.screening_score import ScreeningScore
@@ -115,25 +116,40 @@ def test_wrong_answers_are_the_hard_cases_and_the_cache_is_reused(attached, tmp_
     assert mine_hard_cases(module, dm, cache_path=str(cache), batch_size=8) == sorted(hard)
 
 
-@pytest.mark.parametrize("change", ["fingerprint", "manifest", "params", "prompt"])
+@pytest.mark.parametrize(
+    "change",
+    ["fingerprint", "manifest", "params", "prompt", "chat_template", "precision", "seed"],
+)
 def test_a_stale_cache_is_mined_again(attached, tmp_path, monkeypatch, change):
+    """A cache file may be shared by jobs of other configs (module.mining.cache_path): any
+    change in what decides the hard set makes it stale."""
     module, dm = attached
     cache = tmp_path / "hard.json"
+    rule = {"k": 2} if change == "seed" else {}  # the seed decides only sampled answers
     monkeypatch.setattr(module, "answer", Answers(dm, lambda i, s: i != 0))
-    assert mine_hard_cases(module, dm, cache_path=str(cache)) == [0]
+    assert mine_hard_cases(module, dm, cache_path=str(cache), **rule) == [0]
 
-    kwargs = {}
     if change == "fingerprint":  # the weights changed
-        monkeypatch.setattr(datamodule, "model_fingerprint", lambda path: "0" * 64)
+        monkeypatch.setattr(datamodule, "model_fingerprint", lambda path, cache: "0" * 64)
     elif change == "manifest":
         monkeypatch.setattr(datamodule, "manifest_hash", lambda path: "f" * 64)
     elif change == "params":  # the completion budget
         module.eval_generation["max_new_tokens"] = 7
-    else:  # same prompt name, other text
+    elif change == "prompt":  # same prompt name, other text
         monkeypatch.setattr(dm, "prompt", replace(dm.prompt, user=dm.prompt.user + " Think."))
+    elif change == "chat_template":  # the same model weights, another template around the prompt
+        tokenizer = dm.prompt_collate.builder.tokenizer
+        monkeypatch.setattr(tokenizer, "chat_template", tokenizer.chat_template + "{# v2 #}")
+    elif change == "precision":  # bf16 autocast decodes other greedy answers
+        dm.trainer = L.Trainer(
+            accelerator="cpu", devices=1, logger=False, precision="bf16-mixed",
+            default_root_dir=tmp_path,
+        )  # fmt: skip
+    else:
+        dm.seed += 1
     again = Answers(dm, lambda i, s: i != 5)
     monkeypatch.setattr(module, "answer", again)
-    assert mine_hard_cases(module, dm, cache_path=str(cache), **kwargs) == [5]
+    assert mine_hard_cases(module, dm, cache_path=str(cache), **rule) == [5]
     assert again.calls
     assert HardCaseSet.load(cache).hard_ids == (dm.load("train")[5].id,)
 
@@ -201,14 +217,43 @@ def test_mine_is_a_function_of_the_answers_the_cases_and_the_rule(k, pass_thresh
     assert [v["id"] for v in mined.verdicts] == ids  # each case's first answer, judged
 
 
+def test_mining_shards_pad_to_equal_batches_and_judge_each_case_once():
+    """The paper's 1,044 training cases on 5 ranks in batches of 8: split round-robin, ranks
+    0-3 would answer 27 batches and rank 4 26 (one generate call short: a hang under FSDP).
+    Padded as evaluation pads, every rank answers 27, and the repeats are judged on no rank."""
+    n, world, size = 1044, 5, 8
+    ids = [f"c{i}" for i in range(n)]
+    plans = [EvalSampler(ids, rank, world).batches(size) for rank in range(world)]
+    assert [len(plan) for plan in plans] == [27] * world
+
+    def answer(batch):  # every answer right: each judged case adds 1 to its count
+        rows = len(batch["ids"])
+        return SimpleNamespace(texts=["<answer>B</answer>"] * rows, truncated=torch.zeros(rows))
+
+    rule = Mining(None, 1, 1.0, 1.0, "metric", None)
+    judged = torch.zeros(n)
+    for plan in plans:  # each rank mines its shard
+        batches = [
+            {"ids": [ids[i] for i in rows], "answers": ["B"] * len(rows),
+             "dimensions": [[] for _ in rows], "scored": scored}
+            for rows, scored in plan
+        ]  # fmt: skip
+        judged += mine(answer, batches, ids, ScreeningScore(), rule).right[:, 0]
+    assert judged.tolist() == [1.0] * n
+
+
 def test_model_fingerprint(tmp_path):
-    (tmp_path / "config.json").write_text("{}")
-    (tmp_path / "model.safetensors").write_bytes(b"\0" * 100)
-    first = model_fingerprint(tmp_path)
-    (tmp_path / "README.md").write_text("not a weight")
-    assert model_fingerprint(tmp_path) == first
-    (tmp_path / "model.safetensors").write_bytes(b"\1" + b"\0" * 99)
-    assert model_fingerprint(tmp_path) != first
+    model, hashes = tmp_path / "model", tmp_path / "hashes.json"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    weights = bytearray(3 << 20)  # 3 MiB: a change after the first MiB must count too
+    (model / "model.safetensors").write_bytes(weights)
+    first = model_fingerprint(model, hashes)
+    (model / "README.md").write_text("not a weight")
+    assert model_fingerprint(model, hashes) == first
+    weights[(2 << 20) + 5] = 1  # same size, same first MiB
+    (model / "model.safetensors").write_bytes(weights)
+    assert model_fingerprint(model, hashes) != first
     assert model_fingerprint("OpenGVLab/InternVL3-1B-hf") != model_fingerprint("other/model")
 
 

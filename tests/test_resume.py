@@ -182,6 +182,41 @@ def test_a_split_stage_killed_after_its_switch_ends_as_an_uninterrupted_one(tmp_
     assert not (run / "stages/arm/checkpoints").exists()
 
 
+# An arm whose epochs after the switch are longer than the stage it continues (all data twice as
+# many batches as the first stage's all-data epochs): its schedule spans more steps.
+LONGER_ARM = [
+    "experiment=tiny_hcm",
+    "pipeline.sft_1_1=null",
+    "pipeline.sft_1_2=null",
+    "pipeline.eval=null",
+    "pipeline.grpo.init_from=null",
+    "+pipeline.grpo.fixed=['data.composition=all','module.stop_at_switch=true']",
+    "+pipeline.arm={experiment:tiny_grpo,continue_from:grpo,"
+    "overrides:['data.composition=all_plus_hard']}",
+    "trainer.limit_train_batches=1.0",
+    "trainer.limit_val_batches=0",
+    "data.batch_size=8",
+    "callbacks.progress_bar=null",
+]
+
+
+@pytest.mark.slow
+def test_a_continued_arm_steps_at_its_own_schedule_from_its_first_step(tmp_path):
+    """The arm resumes the shared stage's checkpoint, whose optimizer holds the LR of the shared
+    stage's schedule (fewer total steps); the arm's first step must already take its own."""
+    site = tmp_path / "site"
+    site.mkdir()
+    run = tmp_path / "run"
+    r = train_cli(run, site, pipeline=LONGER_ARM)
+    assert r.returncode == 0, r.stderr[-3000:]
+    lrs = {s: float(v) for (s, k), v in logged(run / "stages" / "arm").items() if k == "train/lr"}
+    first, total = min(lrs), max(lrs) + 1  # the arm continues at the switch, to its own end
+    shared = len({s for s, k in logged(run / "stages" / "grpo") if k == "train/lr"})
+    assert first == shared and total > 2 * shared  # its hard-case epoch is the longer one
+    want = {s: 1e-4 * warmup_cosine(s, total, 0, 0.0) for s in lrs}  # tiny_grpo: lr 1e-4, cosine
+    assert lrs == pytest.approx(want)
+
+
 # -- what a resume checks ---------------------------------------------------------------------
 def ckpt_cfg(path="last"):
     return OmegaConf.create({"ckpt_path": path})

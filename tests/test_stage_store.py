@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import logging
 import multiprocessing as mp
+import os
+import subprocess
 import time
 from pathlib import Path
 
@@ -14,6 +16,7 @@ from omegaconf import OmegaConf, open_dict
 
 from hcm import fingerprints, stages
 from hcm.config import ConfigError
+from hcm.files import folder_lock
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -111,6 +114,26 @@ def test_claim_waits_for_the_owner_and_outlives_a_crashed_one(tmp_path):
     t0 = time.monotonic()
     with stages.claim(folder):  # the OS dropped the dead owner's lock: taken over at once
         assert time.monotonic() - t0 < 5
+
+
+def test_a_rank_follows_only_its_own_live_rank_zero(tmp_path):
+    """A rank > 0 of a DDP launch waits for its rank 0's token in the held lock: a token left
+    by a dead holder (the lock is free) is not taken for it, and a rank 0 that has exited, or
+    that never takes a lock nobody holds, ends the wait with an error instead of a hang."""
+    folder = tmp_path / "store" / "grpo-0123"
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    token = f"{dead.pid}:0ab1"
+    folder.parent.mkdir(parents=True)
+    (folder.parent / "grpo-0123.lock").write_text(token)  # its holder died: nobody holds it
+    with pytest.raises(RuntimeError, match=f"pid {dead.pid}\\) exited"):
+        stages.wait_for_rank_zero(folder, token, poll_s=0.01)
+    alive = f"{os.getpid()}:0ab1"
+    (folder.parent / "grpo-0123.lock").write_text(alive)
+    with pytest.raises(RuntimeError, match="nobody has held"):
+        stages.wait_for_rank_zero(folder, alive, poll_s=0.01, idle_s=0.2)
+    with folder_lock(folder, token=alive):  # held with this launch's token: go
+        stages.wait_for_rank_zero(folder, alive, poll_s=0.01, idle_s=0.2)
 
 
 def test_link_points_a_job_at_the_shared_folder(tmp_path):

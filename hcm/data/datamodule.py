@@ -218,9 +218,10 @@ class ScreeningDataModule(L.LightningDataModule):
         manifest's and this rule's, else mined (`hcm.mining.mine`) by `answer(batch)`, the
         initial policy answering within `max_new_tokens`. Each rank answers its shard."""
         ids = [r.id for r in self.load(self.train_split)]
+        hashes = Path(rule.hash_cache) if rule.hash_cache else None
         key = {
             "model": policy,
-            "fingerprint": model_fingerprint(policy),
+            "fingerprint": model_fingerprint(policy, hashes),
             "manifest_sha256": manifest_hash(self.manifest(self.train_split)),
             "params": cache_params(
                 rule,
@@ -228,6 +229,9 @@ class ScreeningDataModule(L.LightningDataModule):
                 self.prompt,
                 self.image_layout,
                 self.model_cfg.get("max_patches"),
+                chat_template=self.prompt_collate.builder.tokenizer.chat_template,
+                precision=str(self.trainer.precision),
+                seed=self.seed,
             ),
         }
         default = Path(self.trainer.default_root_dir) / "hard_cases.json"
@@ -245,16 +249,16 @@ class ScreeningDataModule(L.LightningDataModule):
     def _mine(self, answer, rule: Mining, key: dict, cache: Path) -> HardCaseSet:
         trainer, records = self.trainer, self.load(self.train_split)
         rank, world, _ = self._place()
-        shard, size = (
-            list(range(rank, len(records), world)),
-            rule.batch_size or self.eval_batch_size,
+        # as evaluation shards: every rank answers as many batches (generation is collective
+        # under FSDP), the last ones padded with other ranks' cases, answered but not scored
+        plan = EvalSampler(self.train_dataset, rank, world).batches(
+            rule.batch_size or self.eval_batch_size
         )
-        starts = range(0, len(shard), size)
         batches = (
-            self.prompt_collate([self.train_dataset[i] for i in shard[s : s + size]])
-            for s in starts
+            {**self.prompt_collate([self.train_dataset[i] for i in rows]), "scored": scored}
+            for rows, scored in plan
         )
-        bar = tqdm(batches, total=len(starts), desc="mining hard cases", disable=rank != 0)
+        bar = tqdm(batches, total=len(plan), desc="mining hard cases", disable=rank != 0)
 
         def reduce(t: torch.Tensor) -> torch.Tensor:  # each case was answered on exactly one rank
             return trainer.strategy.reduce(

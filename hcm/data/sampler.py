@@ -269,8 +269,9 @@ class EvalSampler(DistributedSampler):
 
     As torch's DistributedSampler, every rank gets ceil(N / world) rows, so that ranks run
     the same number of batches (a sharded model's forward is collective); the shards it pads
-    with repeats come last, and the module scores only a shard's first `unique` rows
-    (ScreeningModule._unrepeated). As a DistributedSampler, Lightning leaves it in place."""
+    with repeats come last, and only a shard's first `unique` rows are scored (`scored`: by
+    ScreeningModule._unrepeated in evaluation, by hard-case mining through `batches`). As a
+    DistributedSampler, Lightning leaves it in place."""
 
     def __init__(self, dataset, rank: int, world: int):
         super().__init__(dataset, num_replicas=world, rank=rank, shuffle=False)
@@ -278,3 +279,17 @@ class EvalSampler(DistributedSampler):
     @property
     def unique(self) -> int:
         return len(range(self.rank, len(self.dataset), self.num_replicas))
+
+    def scored(self, batch_idx: int, batch_size: int, n: int) -> int:
+        """How many of the n rows of batch `batch_idx` are this rank's own samples: the rest
+        repeat other ranks' samples to pad the shard."""
+        return max(0, min(n, self.unique - batch_idx * batch_size))
+
+    def batches(self, batch_size: int) -> list[tuple[list[int], int]]:
+        """The shard in batches, each (indices, how many of them to score): the same number of
+        batches on every rank, each sample scored on exactly one."""
+        order = list(self)
+        return [
+            (order[s : s + batch_size], self.scored(b, batch_size, len(order[s : s + batch_size])))
+            for b, s in enumerate(range(0, len(order), batch_size))
+        ]

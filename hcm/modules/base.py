@@ -174,6 +174,20 @@ class ScreeningModule(L.LightningModule):
         if self.trainer.world_size > 1:
             torch.manual_seed(rank_seed(torch.initial_seed(), self.trainer.global_rank))
 
+    def on_train_start(self) -> None:
+        # A checkpoint restores the optimizer's LR as its run last set it, from that run's total
+        # steps. A stage that continues another's checkpoint (a pipeline's continue_from) with
+        # other epochs has another total: set this step's LR from its own schedule, or its first
+        # step would take the LR the stage it continues computed. (Lightning restores the
+        # checkpoint after configure_optimizers and before this hook.)
+        for config in self.trainer.lr_scheduler_configs:
+            sched = config.scheduler  # configure_optimizers': a LambdaLR
+            step, multipliers = sched.last_epoch, sched.lr_lambdas
+            lrs = [base * f(step) for base, f in zip(sched.base_lrs, multipliers, strict=True)]
+            for group, lr in zip(sched.optimizer.param_groups, lrs, strict=True):
+                group["lr"] = lr
+            sched._last_lr = lrs  # what get_last_lr() reports (torch keeps it here)
+
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         # Here, not when the checkpoint loads: whatever Lightning draws while it resumes (setting
         # up loaders, validating) must not shift the stream the training steps draw from.
@@ -210,10 +224,10 @@ class ScreeningModule(L.LightningModule):
         rank's shard (hcm.data.sampler.EvalSampler), so each sample counts once."""
         loaders = self.trainer.val_dataloaders if self.trainer.validating else None
         loader = loaders if loaders is not None else self.trainer.test_dataloaders
-        unique = getattr(getattr(loader, "sampler", None), "unique", None)
-        if unique is None:  # a loader of another kind: every row is its own sample
+        scored = getattr(getattr(loader, "sampler", None), "scored", None)
+        if scored is None:  # a loader of another kind: every row is its own sample
             return n
-        return max(0, min(n, unique - batch_idx * loader.batch_size))
+        return scored(batch_idx, loader.batch_size, n)
 
     def _log_score(self, metric: Any, truncated: MeanMetric, prefix: str) -> dict[str, float]:
         values = {f"{prefix}/score/{k}": v for k, v in metric.compute().items()}

@@ -17,11 +17,11 @@ undefined wherever the policy moves mass across the cut-off.
 
 Departures from the paper, each a config knob: `old_logprobs` are the rollout policy's, and with
 mu = 1 they equal the current ones detached (ratio 1, as TRL), saving a forward pass; groups with
-zero reward variance can be redrawn (DAPO's dynamic sampling), off by default; completions cut by
-the completion budget can be left out of the loss (TRL's mask_truncated_completions), off by
-default (they keep their reward, 0 without an answer, and their advantage). The LR schedule
-steps once per rollout (per dataloader batch), whatever mu; `global_step` counts optimizer
-steps, mu per rollout.
+zero reward variance can be redrawn (DAPO's dynamic sampling; under DDP/FSDP while any rank has
+one), off by default; completions cut by the completion budget can be left out of the loss
+(TRL's mask_truncated_completions), off by default (they keep their reward, 0 without an
+answer, and their advantage). The LR schedule steps once per rollout (per dataloader batch),
+whatever mu; `global_step` counts optimizer steps, mu per rollout.
 
 Hard-case mining is the datamodule's (`ScreeningDataModule.mine_hard_cases`): this module only
 lends it the initial policy, before the first GRPO step.
@@ -37,7 +37,7 @@ from typing import Any
 import torch
 
 from hcm.faults import fault_point
-from hcm.grpo_math import group_advantages, policy_loss, zero_variance_groups
+from hcm.grpo_math import group_advantages, policy_loss, redraw_plan, zero_variance_groups
 from hcm.logprobs import completion_logprobs
 from hcm.mining import Mining
 from hcm.model import generation
@@ -182,6 +182,7 @@ class GRPOModule(ScreeningModule):
         return answer
 
     def on_train_start(self) -> None:
+        super().on_train_start()
         # A shared first stage that died after its switch-epoch checkpoint (while exporting, say)
         # resumes at the switch: its epochs are done, and it must not train one more.
         if self.stop_at_switch and self.current_epoch >= self.trainer.datamodule.switch_epoch:
@@ -227,7 +228,8 @@ class GRPOModule(ScreeningModule):
     def reward(self, rollout: Rollout) -> None:
         """Score the completions (eqs. 6-7; on the CPU). With `resample_zero_variance`, DAPO's
         dynamic sampling first redraws, up to that many times, the groups whose G rewards are
-        equal (they carry no signal), in place."""
+        equal (they carry no signal), in place; under DDP/FSDP every rank draws as many times
+        (`redraw_plan`)."""
         G = self.G
         rollout.rewards, rollout.per_reward = score(
             rollout.texts, rollout.answers, self.reward_weights
@@ -235,10 +237,13 @@ class GRPOModule(ScreeningModule):
         flat = zero_variance_groups(rollout.rewards, G)  # (B,)
         rollout.zero_variance_sampled = flat.float().mean().item()
         for _ in range(self.resample_zero_variance):
-            prompts = flat.nonzero().squeeze(1).tolist()
-            if not prompts:
+            plan = redraw_plan(flat, self._any_rank(bool(flat.any())))
+            if plan is None:
                 break
+            prompts, keep = plan
             gen = self._sample(self._select_prompts(rollout, prompts))
+            if not keep:  # drawn only to keep this rank's generate calls in step
+                continue
             rows = [p * G + g for p in prompts for g in range(G)]  # their rows in the rollout
             texts, pad = list(gen.texts), self.tokenizer.pad_token_id
             rewards, parts = score(texts, [rollout.answers[r] for r in rows], self.reward_weights)
@@ -249,6 +254,12 @@ class GRPOModule(ScreeningModule):
             for name in rollout.per_reward:
                 rollout.per_reward[name][rows] = parts[name]
             flat = zero_variance_groups(rollout.rewards, G)  # (B,) after the redraw
+
+    def _any_rank(self, flag: bool) -> bool:
+        """Whether `flag` holds on any rank (an all-reduce under DDP/FSDP)."""
+        if self._trainer is None or self.trainer.world_size == 1:
+            return flag
+        return self.trainer.strategy.reduce_boolean_decision(flag, all=False)
 
     @torch.no_grad()
     def fixed_logprobs(self, rollout: Rollout) -> tuple[torch.Tensor | None, torch.Tensor | None]:
