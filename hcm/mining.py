@@ -131,15 +131,21 @@ def is_right(verdict: dict[str, Any], correct: str) -> bool:
 
 
 def cache_params(
-    rule: Mining, max_new_tokens: int, prompt: Any, image_layout: str, max_patches: int | None
+    rule: Mining,
+    max_new_tokens: int,
+    prompt: Any,
+    image_layout: str,
+    max_patches: int | None,
+    lora: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Everything besides the model and the manifest that decides the hard set: the cache key.
 
     The prompt enters by its text, not its name, and with the image layout and tiling, since
-    they change what the model sees; the temperature only when sampling (k > 1).
+    they change what the model sees; the temperature only when sampling (k > 1); the LoRA
+    settings only when the policy has adapters (a full fine-tuning stage keeps its key).
     """
     prompt_text = json.dumps([prompt.system, prompt.user])
-    return {
+    params = {
         "k": rule.k,
         "pass_threshold": rule.pass_threshold,
         "greedy": rule.k == 1,
@@ -151,6 +157,9 @@ def cache_params(
         "image_layout": image_layout,
         "max_patches": max_patches,
     }
+    if lora:
+        params["lora"] = dict(lora)
+    return params
 
 
 def mine(

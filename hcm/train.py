@@ -56,7 +56,7 @@ def run_stage(cfg: DictConfig) -> dict[str, Any]:
         metrics = module.restored_metrics | logged_metrics(trainer)
         if trainer.is_global_zero:
             model_dir = stages.export_model(
-                module.model,
+                module.exported_model(output_dir),  # LoRA: the adapters merged in
                 module.tokenizer,
                 load_image_processor(module.model_path, cfg.model.trust_remote_code),
                 output_dir,
