@@ -77,7 +77,9 @@ SPLIT = [
 def train_cli(
     run: Path, site: Path, fault: str | None = None, pipeline: list[str] = PIPELINE
 ) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(site), "PYTHONUNBUFFERED": "1"}
+    # the site first (its sitecustomize), then the caller's path: a worktree's own hcm
+    path = os.pathsep.join(p for p in (str(site), os.environ.get("PYTHONPATH")) if p)
+    env = {**os.environ, "PYTHONPATH": path, "PYTHONUNBUFFERED": "1"}
     env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     env.pop("HCM_FAULT", None)
     env["HCM_STAGE_STORE"] = str(run.with_name(run.name + "-stages"))  # ref's and run's apart
