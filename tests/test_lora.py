@@ -13,6 +13,7 @@ import pytest
 import torch
 from helpers import letter_e, toy_reward_site
 from hydra.utils import instantiate
+from omegaconf import OmegaConf
 from peft import PeftModel
 from safetensors.torch import load_file
 from test_grpo_module import build, first_prompts, fit, rollout
@@ -102,6 +103,12 @@ def test_lora_settings_enter_the_stage_identity(compose_cfg):
         "lora"
         in stages.identity(compose_cfg("train", ["experiment=tiny_sft", "lora=default"]))["module"]
     )
+
+
+def test_lora_on_a_pipelines_command_line_reaches_its_training_stages_only(compose_cfg):
+    cfg = compose_cfg("train", ["experiment=tiny_hcm", "lora=default", "module.lora.rank=4"])
+    ranks = {n: OmegaConf.select(c, "module.lora.rank") for n, _, c in compose_stages(cfg)}
+    assert ranks == {"sft_1_1": 4, "sft_1_2": 4, "grpo": 4, "eval": None}
 
 
 # A LoRA SFT stage then a LoRA GRPO stage (from the random tiny model), killed mid-SFT and mid-GRPO
