@@ -8,8 +8,8 @@ a name that is not one of the choices, and `data.switch_epoch` past `trainer.max
 
 Keys absent from a config are skipped (an SFT stage has no `module.group_size`). Checks are one
 table, RULES; the allowed names come from the modules that use them, except the model's dtype
-and attention names, copied here so that a config check does not import transformers (a test
-pins them to hcm.model.loading's).
+and attention names and LoRA's target layers, copied here so that a config check does not import
+transformers or peft (a test pins them to hcm.model.loading's and hcm.model.lora's).
 """
 
 from __future__ import annotations
@@ -34,6 +34,8 @@ from hcm.rewards import REWARDS
 
 DTYPE_NAMES = ("auto", "bf16", "fp16", "fp32")  # = hcm.model.loading.DTYPES plus auto
 ATTN_NAMES = ("auto", "flash_attention_2", "sdpa", "eager")  # = loading.ATTN_IMPLEMENTATIONS
+# = hcm.model.lora.LM_TARGETS (the language model's linear layers)
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 DATA_MODES = ("sft", "grpo", "eval")
 
 
@@ -199,6 +201,15 @@ RULES: tuple[Rule, ...] = (
     Rule("module.freeze.vision_tower", BOOL),
     Rule("module.freeze.projector", BOOL),
     Rule("module.freeze.language_model", BOOL),
+    # module: LoRA (conf/lora/; absent: full fine-tuning)
+    Rule("module.lora.rank", int_at_least(1), why="r"),
+    Rule("module.lora.alpha", num_in(0, low_open=True)),
+    Rule("module.lora.dropout", num_in(0, 1, high_open=True)),
+    Rule(
+        "module.lora.target_modules",
+        list_of(one_of(LORA_TARGETS), f"a non-empty list of {LORA_TARGETS}", 1),
+    ),
+    Rule("module.lora.save_adapter", BOOL),
     Rule("max_completion_length", int_at_least(1)),
     Rule("module.eval_generation.max_new_tokens", int_at_least(1)),
     Rule("generation.max_new_tokens", int_at_least(1)),

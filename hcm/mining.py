@@ -138,18 +138,20 @@ def cache_params(
     chat_template: str | None,
     precision: str,
     seed: int,
+    lora: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Everything besides the model and the manifest that decides the hard set: the cache key.
 
     The prompt enters by its text, not its name, and with the chat template that wraps it, the
     image layout and tiling, since they change what the model sees; the precision mining
     decodes in (bf16 autocast changes greedy answers); the temperature and the seed only when
-    sampling (k > 1). Inside a stage's hashed folder the config covers most of these, but
+    sampling (k > 1); the LoRA settings only when the policy has adapters (a full fine-tuning
+    stage keeps its key). Inside a stage's hashed folder the config covers most of these, but
     `module.mining.cache_path` may name a file that jobs of other configs share.
     """
     prompt_text = json.dumps([prompt.system, prompt.user])
     sampled = rule.k > 1
-    return {
+    params = {
         "k": rule.k,
         "pass_threshold": rule.pass_threshold,
         "greedy": not sampled,
@@ -164,6 +166,9 @@ def cache_params(
         "max_patches": max_patches,
         "precision": precision,
     }
+    if lora:
+        params["lora"] = dict(lora)
+    return params
 
 
 def mine(

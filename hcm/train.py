@@ -56,7 +56,7 @@ def run_stage(cfg: DictConfig) -> dict[str, Any]:
         metrics = module.restored_metrics | logged_metrics(trainer)
         if trainer.is_global_zero:
             model_dir = stages.export_model(
-                module.model,
+                module.exported_model(output_dir),  # LoRA: the adapters merged in
                 module.tokenizer,
                 load_image_processor(module.model_path, cfg.model.trust_remote_code),
                 output_dir,
@@ -177,22 +177,24 @@ def routed(
     config_name: str, stage: list[str], user: list[str], fixed: list[str], groups: set[str]
 ) -> list[str]:
     """The command line's overrides that a stage has a place for: a group choice (model=tiny)
-    always; a value where the stage's config has its key (for +key and ++key, its parent). So
-    `module.beta=0.1` reaches a pipeline's GRPO stages and leaves SFT and evaluation alone,
-    which have no such key."""
+    where the stage's config has that group (lora=default: training stages, not evaluation); a
+    value where it has the key (for +key and ++key, its parent). So `module.beta=0.1` reaches a
+    pipeline's GRPO stages and leaves SFT and evaluation alone, which have no such key."""
     parsed = OverridesParser.create().parse_overrides(user)
-    choices = [o.input_line for o in parsed if o.key_or_group in groups]
+    bare = compose(config_name=config_name, overrides=[*stage, *fixed], return_hydra_config=True)
+    own_groups = set(bare.hydra.runtime.choices)
+    choices = [o.input_line for o in parsed if o.key_or_group in groups & own_groups]
     base = compose(config_name=config_name, overrides=[*stage, *choices, *fixed])
     keep = []
     for o in parsed:
         key = o.key_or_group
-        if o.key_or_group not in groups and (o.is_add() or o.is_force_add()):
+        if key in groups:
+            if key in own_groups:
+                keep.append(o.input_line)
+            continue
+        if o.is_add() or o.is_force_add():
             key = key.rpartition(".")[0]  # +a.b=1 needs `a`; +seed2=1 needs nothing
-        if (
-            o.key_or_group in groups
-            or not key
-            or OmegaConf.select(base, key, default=_NO) is not _NO
-        ):
+        if not key or OmegaConf.select(base, key, default=_NO) is not _NO:
             keep.append(o.input_line)
     return keep
 

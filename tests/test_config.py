@@ -7,7 +7,8 @@ bools, a quoted number, an unknown reward; G < 2; switch_epoch > epochs), 29 out
 and unknown choices (beta < 0, clip_eps outside (0, 1), ...), 2 schedule rules (switch_epoch past
 max_epochs; equal to it with a composition that would never run), one through `evaluate(cfg)`,
 one checked for its full message, a '???' value, and one through the real CLI (`train.py ...
-module.group_size=1`: exit code, key in stderr, no data or model built). Also: every shipped
+module.group_size=1`, and a LoRA rank of 0: exit code, key in stderr, no data or model built);
+6 bad LoRA values (conf/lora/) in an SFT and a GRPO stage. Also: every shipped
 experiment and pipeline stage validates (14), and trust_remote_code is false in every model
 config (3) and reaches every loader, the module and the data module (5).
 """
@@ -29,8 +30,8 @@ from omegaconf import OmegaConf
 import hcm.evaluate
 import hcm.runtime
 import hcm.train
-from hcm.config import ATTN_NAMES, DTYPE_NAMES, ConfigError, validate
-from hcm.model import loading
+from hcm.config import ATTN_NAMES, DTYPE_NAMES, LORA_TARGETS, ConfigError, validate
+from hcm.model import loading, lora
 
 REPO = Path(__file__).resolve().parents[1]
 EXPERIMENTS = sorted(p.stem for p in (REPO / "conf" / "experiment").glob("*.yaml"))
@@ -70,6 +71,15 @@ BAD_OVERRIDES = [
     ("module.mask_truncated_completions=1", "module.mask_truncated_completions"),
     ("module.mining.correct=lenient", "module.mining.correct"),
 ]
+# LoRA (conf/lora/): refused before the model is loaded, naming the key
+BAD_LORA = [
+    ("module.lora.rank=0", "module.lora.rank"),
+    ("module.lora.alpha=0", "module.lora.alpha"),
+    ("module.lora.dropout=1.0", "module.lora.dropout"),
+    ("module.lora.target_modules=[q_proj,qkv_proj]", "module.lora.target_modules"),
+    ("module.lora.target_modules=[lm_head]", "module.lora.target_modules"),
+    ("module.lora.target_modules=[]", "module.lora.target_modules"),
+]
 
 
 @pytest.mark.parametrize(("override", "key"), BAD_OVERRIDES)
@@ -77,6 +87,16 @@ def test_bad_override_is_rejected_before_anything_is_built(
     compose_cfg, no_instantiate, override, key
 ):
     cfg = compose_cfg("train", ["experiment=tiny_grpo", override])
+    with pytest.raises(ConfigError, match=f"config key '{re.escape(key)}'"):
+        hcm.train.train(cfg)
+
+
+@pytest.mark.parametrize("experiment", ["tiny_sft", "tiny_grpo"])
+@pytest.mark.parametrize(("override", "key"), BAD_LORA)
+def test_bad_lora_value_is_rejected_before_anything_is_built(
+    compose_cfg, no_instantiate, experiment, override, key
+):
+    cfg = compose_cfg("train", [f"experiment={experiment}", "lora=default", override])
     with pytest.raises(ConfigError, match=f"config key '{re.escape(key)}'"):
         hcm.train.train(cfg)
 
@@ -191,14 +211,22 @@ def test_every_shipped_experiment_and_stage_validates(compose_cfg, experiment):
 def test_model_names_match_the_loader():
     assert set(DTYPE_NAMES) == {"auto", *loading.DTYPES}
     assert set(ATTN_NAMES) == set(loading.ATTN_IMPLEMENTATIONS)
+    assert LORA_TARGETS == lora.LM_TARGETS
 
 
 @pytest.mark.slow
-def test_cli_fails_fast_naming_the_key(tmp_path):
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["module.group_size=1"], "config key 'module.group_size' = 1 is invalid"),
+        (["lora=default", "module.lora.rank=0"], "config key 'module.lora.rank' = 0 is invalid"),
+    ],
+)
+def test_cli_fails_fast_naming_the_key(tmp_path, overrides, message):
     root = tmp_path / "root"
     env = {**os.environ, "HCM_ROOT": str(root), "WANDB_MODE": "offline"}
     r = subprocess.run(
-        [sys.executable, str(REPO / "train.py"), "experiment=tiny_grpo", "module.group_size=1"],
+        [sys.executable, str(REPO / "train.py"), "experiment=tiny_grpo", *overrides],
         cwd=tmp_path,
         env=env,
         capture_output=True,
@@ -206,7 +234,7 @@ def test_cli_fails_fast_naming_the_key(tmp_path):
         timeout=300,
     )
     assert r.returncode != 0
-    assert "config key 'module.group_size' = 1 is invalid" in r.stderr
+    assert message in r.stderr and len(r.stderr.strip().splitlines()) == 1  # one line
     # no synthetic data generated and no tiny model built: it stopped at the config
     assert not (root / "data").exists() and not (root / ".cache").exists()
 

@@ -213,10 +213,13 @@ class ScreeningDataModule(L.LightningDataModule):
         return labels(samples)
 
     # -- the hard set (section 4.2): mined once, checkpointed, given to the sampler ----------------
-    def mine_hard_cases(self, answer, rule: Mining, policy: str, max_new_tokens: int) -> None:
+    def mine_hard_cases(
+        self, answer, rule: Mining, policy: str, max_new_tokens: int, lora: dict | None = None
+    ) -> None:
         """Set the hard set: from the cache `rule.cache_path` when it holds this policy's, this
         manifest's and this rule's, else mined (`hcm.mining.mine`) by `answer(batch)`, the
-        initial policy answering within `max_new_tokens`. Each rank answers its shard."""
+        initial policy (with `lora`'s adapters, if any) answering within `max_new_tokens`. Each
+        rank answers its shard."""
         ids = [r.id for r in self.load(self.train_split)]
         hashes = Path(rule.hash_cache) if rule.hash_cache else None
         key = {
@@ -232,6 +235,7 @@ class ScreeningDataModule(L.LightningDataModule):
                 chat_template=self.prompt_collate.builder.tokenizer.chat_template,
                 precision=str(self.trainer.precision),
                 seed=self.seed,
+                lora=lora,
             ),
         }
         default = Path(self.trainer.default_root_dir) / "hard_cases.json"

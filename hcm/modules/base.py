@@ -5,6 +5,11 @@ section-5.1 `ScreeningScore`, logged as `val/score/<key>` / `test/score/<key>`, 
 fraction of answers cut by the completion budget (`val/completion_length/truncated_frac`).
 Under DDP each rank scores its shard of the split and every sample counts once.
 
+With `lora` (the `lora` config group, `module.lora`) the components `freeze` leaves trainable
+train through LoRA adapters (`hcm.model.lora`) instead of their own weights: the base stays frozen
+in `model.dtype`, checkpoints hold only the adapters of the policy (the base is the initial
+model, reloaded), and the stage exports the adapters merged into the base.
+
 Under DDP each rank samples from its own torch stream (`rank_seed`). Every checkpoint also holds
 each rank's RNG states (Lightning saves none), put back just before the first training batch
 after a resume, so a resumed run samples what an uninterrupted one would.
@@ -14,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import math
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -22,7 +28,7 @@ from torchmetrics import MeanMetric
 
 from hcm.checkpoints import capture_rng, rank_seed, restore_rng
 from hcm.faults import fault_point
-from hcm.model import generation, loading  # as modules: a test may swap their functions
+from hcm.model import generation, loading, lora  # as modules: a test may swap their functions
 from hcm.predictions import gather_rows
 from hcm.screening_score import ScreeningScore
 
@@ -68,15 +74,18 @@ class ScreeningModule(L.LightningModule):
         freeze: dict | None = None,
         optimizer: dict | None = None,
         scheduler: dict | None = None,
+        lora: dict | None = None,
     ):
         """Keys of conf/module/*.yaml, where their defaults live. Evaluation builds the module
-        with the model and generation settings only: no freezing, no optimizer."""
+        with the model and generation settings only: no freezing, no optimizer. `lora`: the
+        `lora` config group (conf/lora/), absent (None) unless chosen: full fine-tuning."""
         super().__init__()
         self.save_hyperparameters()
         self.model_cfg = dict(model)
         self.freeze_cfg = dict(freeze or {})
         self.optimizer_cfg = dict(optimizer or {})
         self.scheduler_cfg = dict(scheduler or {})
+        self.lora_cfg = dict(lora) if lora else None
         self.eval_generation = dict(eval_generation)
         self.val_score, self.test_score = ScreeningScore(), ScreeningScore()
         self.val_truncated, self.test_truncated = MeanMetric(), MeanMetric()
@@ -110,15 +119,47 @@ class ScreeningModule(L.LightningModule):
         # A training stage holds the policy in fp32 whatever model.dtype says: AdamW's update
         # of a bf16 weight rounds away below 2^-9 of it (lr 1e-6 moves ~2% of the weights that
         # fp32 moves). bf16 autocast (trainer.precision) still computes in bf16. Evaluation
-        # (no freeze config) keeps model.dtype.
+        # (no freeze config) keeps model.dtype; so does LoRA's frozen base (its adapters: fp32).
         training = bool(self.freeze_cfg)
-        self.model = self.load_policy("fp32" if training else None).train()
+        dtype = self.frozen_dtype() if self.lora_cfg else "fp32" if training else None
+        self.model = self.load_policy(dtype).train()
         self.tokenizer = loading.load_tokenizer(
             self.model_path, trust_remote_code=self.model_cfg.get("trust_remote_code", False)
         )
-        if self.freeze_cfg:  # training stages; evaluation leaves the weights as loaded
+        if self.lora_cfg:
+            lora.add_adapters(self.model, self.freeze_cfg, **self.adapter_args)
+            trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+            log.info("LoRA: %d trainable adapter parameters", trainable)
+        elif self.freeze_cfg:  # training stages; evaluation leaves the weights as loaded
             counts = loading.freeze(self.model, **self.freeze_cfg)
             log.info("trainable parameters: %d / %d", counts["trainable"], counts["total"])
+
+    @property
+    def adapter_args(self) -> dict | None:
+        """`module.lora` less what only the export reads: the settings that shape the adapters
+        (None: full fine-tuning)."""
+        if not self.lora_cfg:
+            return None
+        return {k: v for k, v in self.lora_cfg.items() if k != "save_adapter"}
+
+    def frozen_dtype(self) -> str | None:
+        """The storage of weights that never train (GRPO's reference, LoRA's base): model.dtype,
+        except under FSDP. There a unit flattens all its weights into one tensor of one dtype:
+        the reference (a submodule of the module FSDP wraps) shares the root unit with the
+        policy's leftover weights (embeddings, norms, lm_head), and a LoRA base layer shares its
+        decoder layer's unit with its fp32 adapters."""
+        strategy = self._trainer.strategy if self._trainer is not None else None
+        return "fp32" if type(strategy).__name__ == "FSDPStrategy" else None
+
+    def exported_model(self, output_dir: Path) -> Any:
+        """The model a stage exports as `model/`: the policy; under LoRA its adapters merged into
+        the base (in place: the stage is over), written alone to `<output_dir>/adapter` first
+        when `lora.save_adapter` asks (`hcm.model.lora.save_adapter`)."""
+        if not self.lora_cfg:
+            return self.model
+        if self.lora_cfg["save_adapter"]:
+            lora.save_adapter(self.model, Path(output_dir) / "adapter")
+        return lora.merge_adapters(self.model)
 
     # -- optimisation ------------------------------------------------------------------------
     def configure_optimizers(self):
@@ -155,9 +196,18 @@ class ScreeningModule(L.LightningModule):
         # What has been logged (the last validation, the last step's loss): a stage resumed from
         # its final checkpoint trains nothing, and reports these as the uninterrupted run did.
         checkpoint["metrics"] = logged_metrics(self.trainer)
+        if self.lora_cfg:  # the base is the initial model, reloaded by configure_model
+            state = checkpoint["state_dict"]
+            for key in [k for k in state if k.startswith("model.") and not lora.is_adapter_key(k)]:
+                del state[key]
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.restored_metrics = checkpoint.get("metrics", {})
+        if self.lora_cfg:  # the base configure_model loaded; loading stays strict for adapters
+            state = checkpoint["state_dict"]
+            for key, value in self.model.state_dict().items():
+                if not lora.is_adapter_key(key):
+                    state.setdefault(f"model.{key}", value)
         states = checkpoint.get("rng_states")
         if not states:
             log.warning("the checkpoint holds no RNG state: sampling will not repeat the first run")

@@ -23,6 +23,9 @@ one), off by default; completions cut by the completion budget can be left out o
 answer, and their advantage). The LR schedule steps once per rollout (per dataloader batch),
 whatever mu; `global_step` counts optimizer steps, mu per rollout.
 
+With LoRA (`module.lora`) pi_ref is the policy with its adapters off (`reference`), not a
+second model: the same function as the paper's reference, the stage's initial model.
+
 Hard-case mining is the datamodule's (`ScreeningDataModule.mine_hard_cases`): this module only
 lends it the initial policy, before the first GRPO step.
 """
@@ -40,7 +43,7 @@ from hcm.faults import fault_point
 from hcm.grpo_math import group_advantages, policy_loss, redraw_plan, zero_variance_groups
 from hcm.logprobs import completion_logprobs
 from hcm.mining import Mining
-from hcm.model import generation
+from hcm.model import generation, lora
 from hcm.model.inputs import tiles_per_row
 from hcm.model.vision_cache import rows_by_prompt, shared_image_logprobs
 from hcm.modules.base import ScreeningModule, scheduled_steps
@@ -81,6 +84,7 @@ class GRPOModule(ScreeningModule):
         log_completions_prompts: int,
         fast: dict,
         stop_at_switch: bool,
+        lora: dict | None = None,
     ):
         super().__init__(
             model=model,
@@ -88,6 +92,7 @@ class GRPOModule(ScreeningModule):
             freeze=freeze,
             optimizer=optimizer,
             scheduler=scheduler,
+            lora=lora,
         )
         self.automatic_optimization = False  # mu updates and mini-batches per rollout
         self.G, self.beta, self.num_iterations = group_size, beta, num_iterations
@@ -114,15 +119,17 @@ class GRPOModule(ScreeningModule):
         if self.model is not None:
             return
         super().configure_model()
-        if self.beta > 0:  # the frozen reference: the initial checkpoint (eq. 4), in model.dtype
-            self.ref_model = self.load_policy(self._reference_dtype()).eval().requires_grad_(False)
+        # The frozen reference: the initial checkpoint (eq. 4), in model.dtype. Under LoRA no
+        # second model: the reference is the policy with its adapters off (`reference`).
+        if self.beta > 0 and not self.lora_cfg:
+            self.ref_model = self.load_policy(self.frozen_dtype()).eval().requires_grad_(False)
 
-    def _reference_dtype(self) -> str | None:
-        """model.dtype, except under FSDP: there the reference is a submodule of the module FSDP
-        wraps, and the root unit flattens the policy's and the reference's leftover weights
-        (embeddings, norms, lm_head) into one tensor, which must have one dtype: the policy's."""
-        strategy = self._trainer.strategy if self._trainer is not None else None
-        return "fp32" if type(strategy).__name__ == "FSDPStrategy" else None
+    def reference(self) -> contextlib.AbstractContextManager:
+        """pi_ref (eq. 4) inside the block: the frozen initial model, or under LoRA the policy with
+        its adapters off, the same function (the adapters start at zero, B = 0)."""
+        if self.ref_model is not None:
+            return contextlib.nullcontext(self.ref_model)
+        return lora.adapters_off(self.model)
 
     def configure_callbacks(self) -> list:
         return [self.step_log]  # notes each step's start; training_step's last line logs it
@@ -169,7 +176,8 @@ class GRPOModule(ScreeningModule):
         budget = self.eval_generation["max_new_tokens"]
         forked = torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else [])
         with forked, self.trainer.precision_plugin.forward_context():
-            dm.mine_hard_cases(self.mining_answer(rule), rule, str(self.model_path), budget)
+            answer = self.mining_answer(rule)
+            dm.mine_hard_cases(answer, rule, str(self.model_path), budget, self.adapter_args)
 
     def mining_answer(self, rule: Mining) -> Callable[[dict], Any]:
         """`answer(batch)` for mining: this policy, decoding as the rule asks (greedy, or k
@@ -271,8 +279,10 @@ class GRPOModule(ScreeningModule):
             return torch.cat([self._logprobs(model, rollout, rows) for rows in chunks])
 
         old = of(self.model) if self.num_iterations > 1 else None
-        ref = of(self.ref_model) if self.ref_model is not None else None
-        return old, ref
+        if self.beta == 0:
+            return old, None
+        with self.reference() as reference:
+            return old, of(reference)
 
     def update(self, rollout: Rollout) -> dict[str, float]:
         """mu optimizer steps on the rollout, then one step of the LR schedule; the loss
