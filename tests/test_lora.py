@@ -123,6 +123,7 @@ PIPELINE = [
     "trainer.limit_train_batches=3",
     "trainer.limit_val_batches=0",
     "callbacks.progress_bar=null",
+    "keep_checkpoints=true",  # read below: what a LoRA checkpoint holds
 ]
 
 
