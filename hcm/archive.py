@@ -1,0 +1,93 @@
+"""A run's results, small enough to commit: what `hcm.summary` and `hcm.report` read, without the
+weights, checkpoints, images and completions (a sweep is split across sessions, and the next
+session may start on a machine without `outputs/`).
+
+    python -m hcm.archive outputs/cpu_paper docs/results/science_cpu_v2/runs/cpu_paper-s0
+    python -m hcm.archive multirun/2026-12-03/01-00-00 docs/results/table6/part0
+
+A job folder (one with `.hydra/`) is copied as one job, a stage folder (`eval.py`'s output) as one
+stage; any other folder as a multirun, each job folder under it (and its `multirun.yaml`). Per job: `.hydra/`, `summary.json`, `summary.md`,
+`metrics.json`, and per stage (symlinks into the stage store followed): `stage.json`,
+`metrics.json`, `hard_cases.json`, the CSV logs, and `predictions.jsonl` with each record's
+`completion` and `images` left out (the per-sample `correct`, `dpa`, `faithful` and `parsed`
+answer are what paired differences and judgement read). About 150 kB per evaluated 2,048 samples.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+
+JOB_FILES = ("summary.json", "summary.md", "metrics.json")
+STAGE_FILES = ("stage.json", "metrics.json", "hard_cases.json", "table.md")
+DROPPED = ("completion", "images")  # what a prediction keeps only for the gallery
+
+
+def slim_predictions(src: Path, dest: Path) -> None:
+    with src.open() as f, dest.open("w") as out:
+        for line in f:
+            if line.strip():
+                record = {k: v for k, v in json.loads(line).items() if k not in DROPPED}
+                out.write(json.dumps(record) + "\n")
+
+
+def archive_job(job: Path, dest: Path) -> None:
+    shutil.copytree(job / ".hydra", dest / ".hydra", dirs_exist_ok=True)
+    for name in JOB_FILES:
+        if (job / name).is_file():
+            shutil.copy2(job / name, dest / name)
+    for stage in sorted(p for p in (job / "stages").glob("*") if p.is_dir()):
+        archive_stage(stage, dest / "stages" / stage.name)
+
+
+def archive_stage(stage: Path, dest: Path) -> None:
+    (dest / "csv").mkdir(parents=True, exist_ok=True)
+    for name in STAGE_FILES:
+        if (stage / name).is_file():
+            shutil.copy2(stage / name, dest / name)
+    for log in (stage / "csv").glob("metrics*.csv"):
+        shutil.copy2(log, dest / "csv" / log.name)
+    if (stage / "predictions.jsonl").is_file():
+        slim_predictions(stage / "predictions.jsonl", dest / "predictions.jsonl")
+
+
+def archive(src: Path, dest: Path) -> list[Path]:
+    """Copy the job folder `src`, every job folder of the multirun `src`, or the single stage
+    `src` (an `eval.py` output: its `metrics.json`, no `.hydra/`) into `dest`; returns the job
+    (or stage) folders written."""
+    if (src / ".hydra").is_dir():
+        archive_job(src, dest)
+        return [dest]
+    if (src / "metrics.json").is_file():
+        archive_stage(src, dest)
+        return [dest]
+    jobs = sorted(p for p in src.iterdir() if (p / ".hydra").is_dir())
+    if not jobs:
+        raise FileNotFoundError(
+            f"{src} is neither a job folder, a multirun nor a stage (no .hydra/, metrics.json)"
+        )
+    dest.mkdir(parents=True, exist_ok=True)
+    if (src / "multirun.yaml").is_file():
+        shutil.copy2(src / "multirun.yaml", dest / "multirun.yaml")
+    for job in jobs:
+        archive_job(job, dest / job.name)
+    return [dest / job.name for job in jobs]
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m hcm.archive", description=__doc__.split("\n\n")[0]
+    )
+    parser.add_argument("src", type=Path, help="a job folder or a multirun folder")
+    parser.add_argument("dest", type=Path, help="where the slim copy goes (e.g. docs/results/..)")
+    args = parser.parse_args(argv)
+    written = archive(args.src, args.dest)
+    size = sum(f.stat().st_size for f in args.dest.rglob("*") if f.is_file())
+    print(f"{len(written)} folder(s) archived in {args.dest} ({size / 1e6:.1f} MB)")
+
+
+if __name__ == "__main__":
+    main()
