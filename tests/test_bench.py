@@ -183,3 +183,49 @@ def test_tiny_bench_runs_both_sides_and_prints_the_table(compose_cfg, capsys):
         assert side["update_mfu"] is None  # no peak FLOP/s known for a CPU
     # the same prompts, tokenized alike by both sides
     assert ours["counts"]["prompt_tokens"] == trl["counts"]["prompt_tokens"]
+
+
+def test_lora_knob_reaches_our_module_only(compose_cfg):
+    from hcm.bench.run import fine_tuning
+
+    full = compose_cfg("bench", [])
+    assert full.module.get("lora") is None
+    assert fine_tuning(full) == {"ours": "full", "trl": "full"}
+    cfg = compose_cfg("bench", ["lora=default"])
+    assert cfg.module.lora.rank == 16 and cfg.module.lora.alpha == 32
+    assert fine_tuning(cfg) == {"ours": "LoRA (rank 16, alpha 32)", "trl": "full"}
+
+
+def test_logprob_phase_names_the_reference_by_predicate():
+    ref, policy = object(), object()
+    phase = timing.logprob_phase(lambda model: model is ref)
+    assert phase(ref) == "reference"
+    assert phase(policy) == "update"  # grad on
+    with torch.no_grad():
+        assert phase(policy) == "old_logprobs"
+
+
+@pytest.mark.slow
+def test_tiny_lora_bench_times_the_adapters_off_reference(compose_cfg):
+    from hcm.bench.run import run_bench
+
+    cfg = compose_cfg(
+        "bench",
+        [
+            "arch=tiny",
+            "lora=default",
+            "sides=[ours]",
+            "workload.prompts=2",
+            "workload.text_tokens=16",
+            "module.sampling.max_new_tokens=6",
+            "warmup=0",
+            "repeats=1",
+        ],
+    )
+    results = run_bench(cfg)
+    ours = results["sides"]["ours"]
+    assert {"rollout", "reference", "update", "optimizer"} <= set(ours["time"])
+    assert "old_logprobs" not in ours["time"]  # the adapters-off forward is the reference
+    params = ours["parameters"]
+    assert 0 < params["trained"] < params["total"] / 4  # adapters only (rank 16 on a tiny model)
+    assert "trained: ours LoRA (rank 16, alpha 32), TRL full" in results["table"]

@@ -1,9 +1,10 @@
 """Our side of the benchmark: `GRPOModule.training_step` under a Lightning Trainer, timed by phase.
 
 The module is built from the composed `module` config (conf/module/grpo.yaml and the bench's
-overrides), trains on the same fixed batch every step, and its own methods are wrapped:
+overrides; `lora=default` trains LoRA adapters, conf/lora/), trains on the same fixed batch
+every step, and its own methods are wrapped:
     rollout        GRPOModule.generate and .reward (generation, decoding, rewards)
-    reference      GRPOModule._logprobs with the reference model
+    reference      GRPOModule._logprobs with the reference model (LoRA: the adapters off)
     old_logprobs   GRPOModule._logprobs with the policy without grad (mu > 1 only)
     update         GRPOModule._logprobs with grad, and manual_backward
     optimizer      torch.optim.Optimizer.step
@@ -22,6 +23,7 @@ from transformers import AutoConfig
 
 from hcm.bench.timing import PhaseClock, logprob_phase
 from hcm.bench.workload import chat
+from hcm.model import lora
 from hcm.model.inputs import InputBuilder
 from hcm.model.loading import load_image_processor, load_tokenizer
 from hcm.runtime import resolve_precision
@@ -65,7 +67,14 @@ class ClockCallback(L.Callback):
 
         module.generate = clock.wrap(module.generate, "rollout", on_result=count)
         module.reward = clock.wrap(module.reward, "rollout")
-        module._logprobs = clock.wrap(module._logprobs, logprob_phase(module.ref_model))
+
+        def is_reference(model) -> bool:  # a second model, or under LoRA the adapters off
+            if model is module.ref_model:
+                return True
+            return module.lora_cfg is not None and lora.adapters_disabled(model)
+
+        module._logprobs = clock.wrap(module._logprobs, logprob_phase(is_reference))
+        clock.count_parameters(module.model)
         module.manual_backward = clock.wrap(module.manual_backward, "update")
         self.handles = clock.optimizer_hooks()
 

@@ -67,6 +67,7 @@ def format_table(results: dict[str, Any]) -> str:
     ]
     env = results["environment"]
     work = results["workload"]
+    tuned = results.get("fine_tuning", {"ours": "full", "trl": "full"})
     lines += [
         "",
         f"update MFU: {', '.join(mfu)} (peak {_num(results.get('peak_tflops'), '.0f')} "
@@ -75,6 +76,7 @@ def format_table(results: dict[str, Any]) -> str:
         + ", ".join(f"{k} {int(s['counts'].get('prompt_tokens', 0))}" for k, s in sides.items())
         + f", {work['completion_tokens']} sampled tokens; arch {results['arch']}; medians of "
         f"{results['repeats']} steps after {results['warmup']} warm-up",
+        f"trained: ours {tuned['ours']}, TRL {tuned['trl']}",
         "tok/s: rollout = sampled tokens/s; reference, update = prompt + completion tokens/s; "
         "whole step = sampled tokens/s",
         f"device {env['device']}; torch {env['torch']}, transformers {env['transformers']}, "

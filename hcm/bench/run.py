@@ -47,6 +47,14 @@ def peak_flops(table: dict[str, float], device: str) -> float | None:
     return None
 
 
+def fine_tuning(cfg: DictConfig) -> dict[str, str]:
+    """What each side trains: ours all weights, or LoRA adapters with `lora=default`
+    (conf/lora/); TRL's side is always full fine-tuning."""
+    lora = cfg.module.get("lora")
+    ours = f"LoRA (rank {lora.rank}, alpha {lora.alpha})" if lora else "full"
+    return {"ours": ours, "trl": "full"}
+
+
 def runner(side: str):
     if side == "ours":
         return run_ours
@@ -86,6 +94,7 @@ def run_bench(cfg: DictConfig) -> dict[str, Any]:
         "repeats": cfg.repeats,
         "environment": env,
         "peak_tflops": peak / 1e12 if peak else None,
+        "fine_tuning": fine_tuning(cfg),
         "sides": {},
     }
     for side in cfg.sides:
@@ -95,6 +104,7 @@ def run_bench(cfg: DictConfig) -> dict[str, Any]:
         clock = runner(side)(cfg, str(path), prompts, cfg.warmup + cfg.repeats)
         summary = summarize(clock.steps, cfg.warmup)
         summary["allocated_before_bytes"] = before
+        summary["parameters"] = clock.parameters  # the policy's, total and trained
         counts = summary["counts"]
         flops = forward_flops(
             config,

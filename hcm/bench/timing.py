@@ -48,6 +48,7 @@ class PhaseClock:
     """Exclusive time (s) and peak memory (bytes) per phase, one record per step."""
 
     steps: list[dict[str, Any]] = field(default_factory=list)
+    parameters: dict[str, int] = field(default_factory=dict)  # the policy's: total, trained
     _open: list[_Open] = field(default_factory=list)
     _step: dict[str, Any] | None = None
 
@@ -60,6 +61,14 @@ class PhaseClock:
         assert self._step is not None
         self.steps.append({k: dict(v) if isinstance(v, dict) else v for k, v in self._step.items()})
         self._step = None
+
+    def count_parameters(self, model) -> None:
+        """Record the policy's parameters, all and trained (what the memory table counts)."""
+        params = list(model.parameters())
+        self.parameters = {
+            "total": sum(p.numel() for p in params),
+            "trained": sum(p.numel() for p in params if p.requires_grad),
+        }
 
     def count(self, **values: float) -> None:
         """Record per-step quantities (tokens generated, sequence lengths) for the report."""
@@ -123,12 +132,13 @@ class PhaseClock:
         ]
 
 
-def logprob_phase(ref_model) -> Callable[..., str]:
+def logprob_phase(is_reference: Callable[[Any], bool]) -> Callable[..., str]:
     """The phase of a log-prob forward, from its model argument and the grad mode: the
-    reference's, the update's (with grad), or the old policy's (mu > 1, without)."""
+    reference's (`is_reference(model)`: a second model, or LoRA's policy with its adapters off),
+    the update's (with grad), or the old policy's (mu > 1, without)."""
 
     def phase(model, *args, **kwargs) -> str:
-        if model is ref_model:
+        if is_reference(model):
             return "reference"
         return "update" if torch.is_grad_enabled() else "old_logprobs"
 

@@ -89,8 +89,12 @@ def instrument(trainer, clock: PhaseClock) -> list:
     trainer._generate_and_score_completions = clock.wrap(
         trainer._generate_and_score_completions, "rollout", on_result=count
     )
+
+    def is_reference(model) -> bool:
+        return model is trainer.ref_model
+
     trainer._get_per_token_logps_and_entropies = clock.wrap(
-        trainer._get_per_token_logps_and_entropies, logprob_phase(trainer.ref_model)
+        trainer._get_per_token_logps_and_entropies, logprob_phase(is_reference)
     )
     trainer.accelerator.backward = clock.wrap(trainer.accelerator.backward, "update")
     trainer.add_callback(_StepClock(clock))
@@ -164,6 +168,7 @@ def run_trl(cfg: DictConfig, model_path: str, prompts: list[dict], steps: int) -
         processing_class=processor,
     )
     clock = PhaseClock()
+    clock.count_parameters(trainer.model)
     handles = instrument(trainer, clock)
     try:
         trainer.train()

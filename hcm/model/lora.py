@@ -93,6 +93,12 @@ def adapters_off(model: nn.Module) -> Iterator[nn.Module]:
             layer.enable_adapters(True)
 
 
+def adapters_disabled(model: nn.Module) -> bool:
+    """Whether `model` carries adapters and every one is off (inside `adapters_off`)."""
+    layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+    return bool(layers) and all(layer.disable_adapters for layer in layers)
+
+
 def merge_adapters(model: nn.Module) -> nn.Module:
     """Fold each adapter into its base weight and put the plain linear layers back, in place:
     a model `save_pretrained` writes as InternVL3. Weights go to fp32 first, as a fully
