@@ -20,13 +20,19 @@ from hcm.train import train
 # Sizes of the reduced run; the full one is README's main job (experiment=cpu_hcm).
 REDUCED = [
     "experiment=cpu_hcm",
-    "data.synthetic.sizes.train=1024",
     "data.synthetic.sizes.test=256",
-    "pipeline.sft.overrides=['trainer.max_epochs=4']",
+    "pipeline.sft.overrides=['trainer.max_epochs=4','data.synthetic.sizes.train=1024']",
+    # GRPO on 256 of those prompts, so that its all-data epochs see the same prompts and their
+    # mean rewards compare without prompt-difficulty noise: 3 epochs on all, then 1 with the hard
+    # cases; the evaluations read the same 256 test samples from that folder
     *(
-        f"pipeline.{stage}.overrides=['trainer.max_epochs=3','data.switch_epoch=2',"
-        "'trainer.limit_train_batches=8']"
-        for stage in ("grpo_all", "grpo")  # the first two epochs, then the last
+        f"pipeline.{stage}.overrides=['trainer.max_epochs=4','data.switch_epoch=3',"
+        "'data.synthetic.sizes.train=256']"
+        for stage in ("grpo_all", "grpo")
+    ),
+    *(
+        f"+pipeline.{stage}.overrides=['data.synthetic.sizes.train=256']"
+        for stage in ("sft_eval", "grpo_eval")
     ),
 ]
 
@@ -58,8 +64,12 @@ def test_sft_then_hcm_grpo_learn_to_screen(compose_cfg):
     # epochs 0 and 1 draw from all of the train split, epoch 2 adds the hard cases (harder by
     # construction): the reward is compared on the same distribution
     rewards = reward_per_epoch(stages / "grpo_all") + reward_per_epoch(stages / "grpo")
-    assert len(rewards) == 3
-    assert rewards[1] > rewards[0] + 0.03, rewards
-    # and it raises the held-out score (seen: +13.3 points on these 256 samples, whose 95%
-    # interval for a difference is about +/-8); greedy evaluation is deterministic
+    # (seen on 2-core CPUs, 1 and 2 threads, seeds 0-1: epoch 2 over epoch 0 by +0.04 to +0.06,
+    # each epoch's mean having a standard error of ~0.016)
+    assert len(rewards) == 4
+    assert rewards[2] > rewards[0] + 0.03, rewards
+    # and it raises the held-out score (seen: +17 to +24 points on these 256 samples). At this
+    # size the rise is conservatism (answers naming one option go from ~47% to 56-85%, exact
+    # match does not rise): what the DPA reward pays for when unsure, not better judgement
+    # (docs/results/science_cpu_v2.md); greedy evaluation is deterministic
     assert grpo["test/score/overall"] >= sft["test/score/overall"] + 5, (grpo, sft)
