@@ -61,7 +61,7 @@ def test_sft_then_hcm_grpo_learn_to_screen(compose_cfg):
     assert sft["test/score/valid_rate"] > 95, sft
     assert sft["test/score/overall"] >= random + 10, (sft["test/score/overall"], random)
 
-    # epochs 0 and 1 draw from all of the train split, epoch 2 adds the hard cases (harder by
+    # epochs 0-2 draw from all of the 256 prompts, epoch 3 adds the hard cases (harder by
     # construction): the reward is compared on the same distribution
     rewards = reward_per_epoch(stages / "grpo_all") + reward_per_epoch(stages / "grpo")
     # (seen on 2-core CPUs, 1 and 2 threads, seeds 0-1: epoch 2 over epoch 0 by +0.04 to +0.06,
