@@ -162,7 +162,12 @@ def compose_stages(cfg: DictConfig) -> list[tuple[str, str, DictConfig]]:
     unrouted = [o for o in user_overrides if o not in routed_somewhere]
     # `+key` adds a key no stage has: a typo. `++key` sets it wherever it exists, and is what a
     # sweep shares across pipelines whose stages differ (an eval-only one has no `callbacks`).
-    added = [o for o in unrouted if o.startswith("+") and not o.startswith("++")]
+    # (a group the job itself chose, such as +sweeps=table6, is no key)
+    added = [
+        o
+        for o in unrouted
+        if o.startswith("+") and not o.startswith("++") and o[1:].split("=")[0] not in groups
+    ]
     if added:
         raise ConfigError(
             f"{', '.join(added)}: no stage of this pipeline ({', '.join(by_name)}) has a place "
