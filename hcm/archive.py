@@ -22,6 +22,8 @@ import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
+from hcm.curves import log_parts
+
 JOB_FILES = ("summary.json", "summary.md", "metrics.json")
 STAGE_FILES = ("stage.json", "metrics.json", "hard_cases.json", "table.md")
 DROPPED = ("completion", "images")  # what a prediction keeps only for the gallery
@@ -49,7 +51,7 @@ def archive_stage(stage: Path, dest: Path) -> None:
     for name in STAGE_FILES:
         if (stage / name).is_file():
             shutil.copy2(stage / name, dest / name)
-    for log in (stage / "csv").glob("metrics*.csv"):
+    for log in log_parts(stage / "csv" / "metrics.csv"):  # every part that readers read
         shutil.copy2(log, dest / "csv" / log.name)
     if (stage / "predictions.jsonl").is_file():
         slim_predictions(stage / "predictions.jsonl", dest / "predictions.jsonl")

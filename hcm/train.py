@@ -164,9 +164,9 @@ def compose_stages(cfg: DictConfig) -> list[tuple[str, str, DictConfig]]:
     # sweep shares across pipelines whose stages differ (an eval-only one has no `callbacks`).
     # (a group the job itself chose, such as +sweeps=table6, is no key)
     added = [
-        o
-        for o in unrouted
-        if o.startswith("+") and not o.startswith("++") and o[1:].split("=")[0] not in groups
+        o.input_line
+        for o in OverridesParser.create().parse_overrides(unrouted)
+        if o.is_add() and o.key_or_group not in groups
     ]
     if added:
         raise ConfigError(

@@ -21,7 +21,8 @@ def fake_job(root: Path) -> Path:
     (stage / "checkpoints" / "last.ckpt").write_bytes(b"\0" * 1000)
     (stage / "metrics.json").write_text('{"metrics": {"test/score/overall": 50.0}}')
     (stage / "csv" / "metrics.csv").write_text("step,epoch\n0,0\n")
-    (stage / "csv" / "metrics-20261203.csv").write_text("step,epoch\n")  # a part before a resume
+    # a part a resume kept (hcm.curves.log_parts)
+    (stage / "csv" / "metrics-20261203-011500.csv").write_text("step,epoch\n")
     record = {"id": "test-0", "label": "A", "parsed": "A", "correct": True, "dpa": 1.0}
     full = record | {"completion": "<think>...</think><answer>A</answer>", "images": ["a.png"]}
     (stage / "predictions.jsonl").write_text(json.dumps(full) + "\n")
@@ -41,7 +42,7 @@ def test_an_archived_job_keeps_what_summary_and_report_read_and_drops_the_rest(t
         "summary.json",
         "stages/eval/metrics.json",
         "stages/eval/csv/metrics.csv",
-        "stages/eval/csv/metrics-20261203.csv",
+        "stages/eval/csv/metrics-20261203-011500.csv",
         "stages/eval/predictions.jsonl",
     }
     (record,) = [json.loads(line) for line in (stage / "predictions.jsonl").open()]

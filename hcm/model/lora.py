@@ -80,10 +80,15 @@ def is_adapter_key(key: str) -> bool:
     return ".lora_" in key
 
 
+def tuner_layers(model: nn.Module) -> list[BaseTunerLayer]:
+    """The layers peft put adapters on."""
+    return [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+
+
 @contextlib.contextmanager
 def adapters_off(model: nn.Module) -> Iterator[nn.Module]:
     """The base model: every adapter disabled inside the block (peft's `disable_adapter`)."""
-    layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+    layers = tuner_layers(model)
     for layer in layers:
         layer.enable_adapters(False)
     try:
@@ -95,7 +100,7 @@ def adapters_off(model: nn.Module) -> Iterator[nn.Module]:
 
 def adapters_disabled(model: nn.Module) -> bool:
     """Whether `model` carries adapters and every one is off (inside `adapters_off`)."""
-    layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+    layers = tuner_layers(model)
     return bool(layers) and all(layer.disable_adapters for layer in layers)
 
 
