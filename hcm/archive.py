@@ -6,8 +6,9 @@ session may start on a machine without `outputs/`).
     python -m hcm.archive multirun/2026-12-03/01-00-00 docs/results/table6/part0
 
 A job folder (one with `.hydra/`) is copied as one job, a stage folder (`eval.py`'s output) as one
-stage; any other folder as a multirun, each job folder under it (and its `multirun.yaml`). Per job: `.hydra/`, `summary.json`, `summary.md`,
-`metrics.json`, and per stage (symlinks into the stage store followed): `stage.json`,
+stage; any other folder as a multirun, each job folder under it (and its `multirun.yaml`). Per
+job: `.hydra/`, `summary.json`, `summary.md`, `metrics.json`, and per stage (symlinks into the
+stage store followed): `stage.json`,
 `metrics.json`, `hard_cases.json`, the CSV logs, and `predictions.jsonl` with each record's
 `completion` and `images` left out (the per-sample `correct`, `dpa`, `faithful` and `parsed`
 answer are what paired differences and judgement read). About 150 kB per evaluated 2,048 samples.
