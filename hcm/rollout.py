@@ -32,6 +32,7 @@ class Rollout:
     texts: list[str]  # (B*G,)
     answers: list[str]  # (B*G,) each prompt's label G times
     mask_truncated: bool = False  # leave the truncated rows out of the loss (loss_mask)
+    generated: int = 0  # completions sampled for this step: redraws and any left out included
     rewards: torch.Tensor | None = None  # (B*G,) weighted sum of the reward functions, CPU
     per_reward: dict[str, torch.Tensor] = field(default_factory=dict)  # name -> (B*G,) unweighted
     zero_variance_sampled: float = 0.0  # fraction of groups with equal rewards before any redraw

@@ -1,6 +1,6 @@
 """GRPOModule on the tiny model, built from the real composed config (experiment=tiny_grpo):
 rollout layout and masks, banned image tokens, mini-batch gradients, mu > 1, the reference model,
-DAPO's redraw, checkpoints and what is logged."""
+DAPO's redraw, checkpoints and what is logged (the rollout count included)."""
 
 from __future__ import annotations
 
@@ -203,6 +203,7 @@ def test_a_rank_without_zero_variance_groups_draws_in_step_and_keeps_its_rollout
     module.reward(r)
     assert draws == [2, 1, 1]  # the rollout, then two draws of one prompt, in step
     assert r.texts == texts and r.rewards.tolist() == list(range(2 * module.G))
+    assert r.generated == 4 * module.G  # the discarded draws were sampled all the same
 
 
 def test_rollout_never_samples_image_tokens(compose_cfg):
@@ -259,6 +260,7 @@ def test_resample_redraws_only_zero_variance_groups(compose_cfg, monkeypatch):
     assert r.per_reward["fake"].tolist() == r.rewards.tolist()
     assert r.zero_variance_sampled == 0.5
     assert (r.advantages[:G] != 0).any()
+    assert r.generated == 3 * G  # 2 prompts, then 1 again
 
 
 # -- the update ------------------------------------------------------------------------------------
@@ -396,6 +398,8 @@ LOGGED = {
     "train/lr",
     "train/time/rollout",
     "train/time/update",
+    "train/rollouts",
+    "train/rollouts_total",
 }
 
 
@@ -419,6 +423,8 @@ def test_fit_logs_every_step_and_checkpoints_without_reference(compose_cfg, tmp_
         assert 0 <= m["train/zero_variance_groups"] <= m["train/zero_variance_groups_sampled"]
         assert 1 <= m["train/completion_length/max"] <= 6
         assert m["train/kl"] >= 0 and m["train/time/rollout"] > 0
+        assert m["train/rollouts"] >= 2 * G  # 2 prompts, and any redraw
+    assert steps[1]["train/rollouts_total"] == sum(m["train/rollouts"] for m in steps)
     assert steps[0]["train/lr"] == pytest.approx(1e-3)  # no warmup: the configured LR
     assert [t["key"] for t in recorder.tables] == ["train/completions"] * 2
     table = recorder.tables[0]
@@ -439,8 +445,12 @@ def test_fit_logs_every_step_and_checkpoints_without_reference(compose_cfg, tmp_
     resumed.on_train_start = lambda: loaded.append(
         {k: v.clone() for k, v in resumed.model.state_dict().items()}
     )
-    fit(cfg, dm, resumed, steps=3, ckpt_path=str(ckpt))
+    resumed_log = Recorder()
+    fit(cfg, dm, resumed, steps=3, logger=resumed_log, ckpt_path=str(ckpt))
     assert all(torch.equal(loaded[0][k], v) for k, v in trained.items())
+    (third,) = [m for m in resumed_log.metrics if "train/loss" in m]  # the count goes on
+    total = steps[1]["train/rollouts_total"] + third["train/rollouts"]
+    assert third["train/rollouts_total"] == total
     assert not all(torch.equal(initial[k], v) for k, v in trained.items())
     ref = resumed.ref_model.state_dict()
     assert all(torch.equal(ref[k], v) for k, v in initial.items())

@@ -21,7 +21,8 @@ zero reward variance can be redrawn (DAPO's dynamic sampling; under DDP/FSDP whi
 one), off by default; completions cut by the completion budget can be left out of the loss
 (TRL's mask_truncated_completions), off by default (they keep their reward, 0 without an
 answer, and their advantage). The LR schedule steps once per rollout (per dataloader batch),
-whatever mu; `global_step` counts optimizer steps, mu per rollout.
+whatever mu; `global_step` counts optimizer steps, mu per rollout. Every step counts the
+completions it sampled (`Rollout.generated`), so that arms can be compared at equal rollouts.
 
 With LoRA (`module.lora`) pi_ref is the policy with its adapters off (`reference`), not a
 second model: the same function as the paper's reference, the stage's initial model.
@@ -230,6 +231,7 @@ class GRPOModule(ScreeningModule):
             texts=list(gen.texts),
             answers=[a for a in batch["answers"] for _ in range(G)],  # (B*G,)
             mask_truncated=self.mask_truncated_completions,
+            generated=len(gen.texts),
         )
 
     @torch.no_grad()
@@ -250,6 +252,7 @@ class GRPOModule(ScreeningModule):
                 break
             prompts, keep = plan
             gen = self._sample(self._select_prompts(rollout, prompts))
+            rollout.generated += len(gen.texts)
             if not keep:  # drawn only to keep this rank's generate calls in step
                 continue
             rows = [p * G + g for p in prompts for g in range(G)]  # their rows in the rollout
