@@ -9,9 +9,10 @@ callback's `on_train_batch_end`, the progress bar's included, sees this step's v
 `train/reward/total` (eq. 6's weighted sum), `train/reward/<name>` per reward function,
 `train/zero_variance_groups` (groups with no learning signal), `train/time/rollout` (sampling,
 scoring, advantages and the fixed log-probs) and `train/time/update`; `train/rollouts`, the
-completions the step sampled on all ranks (redraws included), and `train/rollouts_total`, their
-sum over the run (kept in checkpoints: a resumed run goes on counting), the budget arms are
-compared at.
+completions the step sampled on all ranks (redraws and those the difficulty band left out
+included), and `train/rollouts_total`, their sum over the run (kept in checkpoints: a resumed
+run goes on counting), the budget arms are compared at; with `module.difficulty_band`,
+`train/band_kept`, the share of the drawn prompts kept (rank 0's; 0: nothing trained).
 """
 
 from __future__ import annotations
@@ -83,8 +84,9 @@ class GRPOStepLog(L.Callback):
     """Logs each GRPO step (`step_metrics`) and every `every_n_steps` rollouts a table of the
     first `prompts` prompts' completions (0: never)."""
 
-    def __init__(self, every_n_steps: int, prompts: int, log_resampled: bool):
+    def __init__(self, every_n_steps: int, prompts: int, log_resampled: bool, log_band: bool):
         self.every_n_steps, self.prompts, self.log_resampled = every_n_steps, prompts, log_resampled
+        self.log_band = log_band
         self.rollouts_total = 0  # completions sampled so far, all ranks (in checkpoints)
         self._start: dict[str, Any] = {}
 
@@ -109,6 +111,8 @@ class GRPOStepLog(L.Callback):
         values["train/time/update"] = stats["time/update"]
         if self.log_resampled:
             values["train/zero_variance_groups_sampled"] = rollout.zero_variance_sampled
+        if self.log_band:
+            values["train/band_kept"] = rollout.band_kept
         rollouts = all_ranks(module, rollout.generated)
         self.rollouts_total += rollouts
         values["train/rollouts"], values["train/rollouts_total"] = rollouts, self.rollouts_total
