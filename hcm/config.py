@@ -4,7 +4,8 @@
 data or model is touched, so a wrong override fails in a second, naming the key: a wrong type
 (`module.group_size=abc`, `module.beta=[1]`, `data.batch_size=2.5`, `null` where a value is
 needed, NaN or infinity), a value out of range (G < 2, beta < 0, clip_eps outside (0, 1), ...),
-a name that is not one of the choices, and `data.switch_epoch` past `trainer.max_epochs`.
+a name that is not one of the choices, `data.switch_epoch` past `trainer.max_epochs`, and a
+difficulty band that is empty, combined with DAPO's redraws, or would desynchronise FSDP ranks.
 
 Keys absent from a config are skipped (an SFT stage has no `module.group_size`). Checks are one
 table, RULES; the allowed names come from the modules that use them, except the model's dtype
@@ -37,6 +38,7 @@ ATTN_NAMES = ("auto", "flash_attention_2", "sdpa", "eager")  # = loading.ATTN_IM
 # = hcm.model.lora.LM_TARGETS (the language model's linear layers)
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 DATA_MODES = ("sft", "grpo", "eval")
+BAND_KEYS = ("low", "high", "oversample")  # module.difficulty_band
 
 
 class ConfigError(ValueError):
@@ -235,6 +237,19 @@ RULES: tuple[Rule, ...] = (
     Rule("module.logprob_chunk_size", int_at_least(1)),
     Rule("module.max_grad_norm", num_in(0, low_open=True), nullable=True),
     Rule("module.resample_zero_variance", int_at_least(0)),
+    Rule(
+        "module.difficulty_band",
+        Check(
+            lambda v: isinstance(v, DictConfig) and set(v) == set(BAND_KEYS),
+            "a mapping of exactly {low, high, oversample}",
+        ),
+        nullable=True,
+        why="null: no online difficulty selection",
+    ),
+    Rule("module.difficulty_band.low", num_in(0, 1)),
+    Rule("module.difficulty_band.high", num_in(0, 1)),
+    Rule("module.difficulty_band.oversample", int_at_least(1)),
+    Rule("data.oversample", int_at_least(1)),
     Rule("module.mask_truncated_completions", BOOL),
     Rule("module.stop_at_switch", BOOL),
     Rule("module.log_completions_every_n_steps", int_at_least(0), nullable=True),
@@ -291,6 +306,38 @@ def _check_schedule(cfg: DictConfig) -> None:
         )
 
 
+def _check_band(cfg: DictConfig) -> None:
+    """module.difficulty_band's rules across keys (each key's own range is in RULES)."""
+    band = _value(cfg, "module.difficulty_band")
+    oversample = _value(cfg, "data.oversample")
+    wanted = 1 if band in (None, _ABSENT) else band.oversample
+    if oversample is not _ABSENT and oversample != wanted:
+        raise ConfigError(
+            f"config key 'data.oversample' = {oversample} must equal "
+            f"module.difficulty_band.oversample ({wanted}; 1 without a band), which it follows: "
+            "set that instead"
+        )
+    if band in (None, _ABSENT):
+        return
+    if band.low > band.high:
+        raise ConfigError(
+            f"config key 'module.difficulty_band' = {_show(band)}: low must be <= high"
+        )
+    if (_value(cfg, "module.resample_zero_variance") or 0) > 0:
+        raise ConfigError(
+            "config key 'module.difficulty_band' is set together with "
+            "'module.resample_zero_variance' > 0: both choose the groups a step trains on, and a "
+            "redraw changes the pass rate the band selected a group by; use one of the two"
+        )
+    strategy = str(_value(cfg, "trainer.strategy._target_"))
+    if "FSDP" in strategy and _value(cfg, "module.mini_batch_size") not in (None, _ABSENT):
+        raise ConfigError(
+            "config key 'module.difficulty_band' under FSDP needs module.mini_batch_size=null: "
+            "the band keeps a different number of groups on each rank, so mini-batches would "
+            "give the ranks different numbers of (collective) forward passes"
+        )
+
+
 def validate(cfg: DictConfig, rules: tuple[Rule, ...] = RULES) -> None:
     """Reject wrong types and out-of-range values before anything heavy starts.
 
@@ -305,3 +352,4 @@ def validate(cfg: DictConfig, rules: tuple[Rule, ...] = RULES) -> None:
                 f"config key '{rule.key}' = {_show(value)} is invalid: expected {rule.expected}"
             )
     _check_schedule(cfg)
+    _check_band(cfg)

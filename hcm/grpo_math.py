@@ -1,4 +1,5 @@
-"""GRPO's math (paper eqs. 2-5) as pure tensor functions: group advantages and the clipped loss.
+"""GRPO's math (paper eqs. 2-5) as pure tensor functions: group advantages and the clipped loss,
+and which groups a step trains on (DAPO's redraws, the difficulty band: not the paper's).
 
 Layout: a batch holds B prompts × G completions, prompt-major, so row i of every (B*G, ...) tensor
 is completion i % G of prompt i // G:
@@ -72,6 +73,43 @@ def redraw_plan(flat: torch.Tensor, wanted_anywhere: bool) -> tuple[list[int], b
         return None
     prompts = flat.nonzero().squeeze(1).tolist()
     return (prompts, True) if prompts else ([0], False)
+
+
+def pass_rates(right: torch.Tensor, group_size: int) -> torch.Tensor:
+    """Each prompt's current pass rate: the share of its G completions judged right, (B*G,) bool
+    -> (B,).
+
+    >>> pass_rates(torch.tensor([True, False, True, True]), 2)
+    tensor([0.5000, 1.0000])
+    """
+    return _grouped(right.float(), group_size).mean(dim=1)  # (B,)
+
+
+def band_selection(rates: torch.Tensor, low: float, high: float, batch_size: int) -> list[int]:
+    """Online difficulty selection: which of the drawn prompts a step trains on.
+
+    The prompts whose pass rate lies in [low, high] (inclusive; pass rates are multiples of 1/G,
+    compared exactly), in draw order, at most `batch_size` of them; fewer when fewer are in the
+    band, none when none is (the caller skips the step). A band that excludes 0 and 1 keeps only
+    prompts whose G answers disagree, as DAPO's dynamic sampling filters; a narrower one keeps
+    prompts of middling difficulty (online filtering, e.g. PRIME's [0.2, 0.8]).
+
+    >>> rates = torch.tensor([1.0, 0.5, 0.0, 0.25, 0.75])
+    >>> band_selection(rates, low=0.25, high=0.75, batch_size=2)  # the first two in the band
+    [1, 3]
+    >>> band_selection(rates, low=0.25, high=0.75, batch_size=8)  # all three: fewer than 8
+    [1, 3, 4]
+    >>> band_selection(torch.tensor([1.0, 0.0]), low=0.25, high=0.75, batch_size=2)
+    []
+    """
+    if not 0 <= low <= high <= 1:
+        raise ValueError(f"the band needs 0 <= low <= high <= 1, got [{low}, {high}]")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+    if rates.ndim != 1:
+        raise ValueError(f"pass rates must be 1-D (B,), got shape {tuple(rates.shape)}")
+    in_band = (rates >= low) & (rates <= high)  # (B,)
+    return in_band.nonzero().squeeze(1).tolist()[:batch_size]
 
 
 def group_advantages(

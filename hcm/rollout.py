@@ -31,7 +31,12 @@ class Rollout:
     tiles: list[int]  # (B,) tiles per prompt, to slice pixel_values by prompt
     texts: list[str]  # (B*G,)
     answers: list[str]  # (B*G,) each prompt's label G times
+    # (B*G,) per key: what the metric judges a completion by (its batch_keys), e.g. the answers
+    labels: dict[str, list] = field(default_factory=dict)
     mask_truncated: bool = False  # leave the truncated rows out of the loss (loss_mask)
+    generated: int = 0  # completions sampled for this step: redraws and any left out included
+    band_kept: float | None = None  # share of the drawn prompts the difficulty band kept
+    loss_weight: float = 1.0  # 0: a placeholder group that trains nothing (the band kept none)
     rewards: torch.Tensor | None = None  # (B*G,) weighted sum of the reward functions, CPU
     per_reward: dict[str, torch.Tensor] = field(default_factory=dict)  # name -> (B*G,) unweighted
     zero_variance_sampled: float = 0.0  # fraction of groups with equal rewards before any redraw
@@ -54,6 +59,26 @@ class Rollout:
         """The tiles of rows `rows`: each row's prompt's tiles (pixel_values is prompt-major)."""
         per_prompt = self.pixel_values.split(self.tiles)
         return torch.cat([per_prompt[r // self.G] for r in rows])
+
+    def keep_prompts(self, prompts: list[int]) -> None:
+        """Keep the groups of `prompts` only, in that order, in place (before the advantages);
+        the completions lose the padding columns no kept row needs."""
+        G, P = self.G, self.input_ids.shape[1] - self.completion_mask.shape[1]
+        rows = [p * G + g for p in prompts for g in range(G)]
+        width = P + max(int(self.completion_mask[rows].sum(1).max()), 1)  # right-padded masks
+        self.input_ids = self.input_ids[rows, :width]  # (B'*G, P+L')
+        self.attention_mask = self.attention_mask[rows, :width]
+        self.completion_mask = self.completion_mask[rows, : width - P]  # (B'*G, L')
+        self.truncated = self.truncated[rows]
+        per_prompt = self.pixel_values.split(self.tiles)
+        self.pixel_values = torch.cat([per_prompt[p] for p in prompts])
+        self.tiles = [self.tiles[p] for p in prompts]
+        self.texts = [self.texts[r] for r in rows]
+        self.answers = [self.answers[r] for r in rows]
+        self.labels = {k: [v[r] for r in rows] for k, v in self.labels.items()}
+        if self.rewards is not None:
+            self.rewards = self.rewards[rows]
+        self.per_reward = {k: v[rows] for k, v in self.per_reward.items()}
 
     def replace_rows(
         self,

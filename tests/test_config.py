@@ -8,7 +8,8 @@ and unknown choices (beta < 0, clip_eps outside (0, 1), ...), 2 schedule rules (
 max_epochs; equal to it with a composition that would never run), one through `evaluate(cfg)`,
 one checked for its full message, a '???' value, and one through the real CLI (`train.py ...
 module.group_size=1`, and a LoRA rank of 0: exit code, key in stderr, no data or model built);
-6 bad LoRA values (conf/lora/) in an SFT and a GRPO stage. Also: every shipped
+6 bad LoRA values (conf/lora/) in an SFT and a GRPO stage; 11 bad difficulty bands
+(module.difficulty_band, data.oversample). Also: every shipped
 experiment and pipeline stage validates (14), and trust_remote_code is false in every model
 config (3) and reaches every loader, the module and the data module (5).
 """
@@ -168,6 +169,53 @@ def test_switch_epoch_schedule_rules(grpo_cfg, compose_cfg):
         validate(cfg)
     # SFT has no schedule: its (unused) switch_epoch may exceed its epochs
     validate(compose_cfg("train", ["experiment=tiny_sft", "trainer.max_epochs=1"]))
+
+
+BAND = "module.difficulty_band={low:0.25,high:0.75,oversample:2}"
+BAD_BANDS = [  # (overrides, the key named, what the message must say)
+    (
+        ["module.difficulty_band={low:0.8,high:0.2,oversample:2}"],
+        "module.difficulty_band",
+        "low must be <= high",
+    ),
+    (["module.difficulty_band={low:-0.1,high:0.5,oversample:2}"], "module.difficulty_band.low", ""),
+    (["module.difficulty_band={low:0.2,high:1.5,oversample:2}"], "module.difficulty_band.high", ""),
+    (
+        ["module.difficulty_band={low:0.2,high:0.8,oversample:0}"],
+        "module.difficulty_band.oversample",
+        ">= 1",
+    ),
+    (
+        ["module.difficulty_band={low:0.2,high:0.8,oversample:1.5}"],
+        "module.difficulty_band.oversample",
+        "integer",
+    ),
+    (["module.difficulty_band={low:0.2,high:0.8}"], "module.difficulty_band", "exactly"),
+    (["module.difficulty_band=0.5"], "module.difficulty_band", "mapping"),
+    ([BAND, "module.resample_zero_variance=1"], "module.difficulty_band", "redraw"),
+    (["data.oversample=2"], "data.oversample", "follows"),  # no band: data.oversample is 1
+    ([BAND, "data.oversample=3"], "data.oversample", "follows"),
+]
+
+
+@pytest.mark.parametrize(("overrides", "key", "says"), BAD_BANDS)
+def test_bad_difficulty_band_is_rejected_naming_the_key(
+    compose_cfg, no_instantiate, overrides, key, says
+):
+    cfg = compose_cfg("train", ["experiment=tiny_grpo", *overrides])
+    with pytest.raises(ConfigError, match=f"config key '{re.escape(key)}'.*{re.escape(says)}"):
+        hcm.train.train(cfg)
+
+
+def test_difficulty_band_sets_the_draws_and_fsdp_needs_whole_batches(compose_cfg):
+    assert compose_cfg("train", ["experiment=tiny_grpo"]).data.oversample == 1  # off: the paper
+    cfg = compose_cfg("train", ["experiment=tiny_grpo", BAND])
+    validate(cfg)
+    assert cfg.data.oversample == 2  # the loader draws 2 x data.batch_size prompts
+    fsdp = ["experiment=tiny_grpo", BAND, "trainer=fsdp"]
+    validate(compose_cfg("train", fsdp))  # one forward per phase on every rank: in step
+    with pytest.raises(ConfigError, match=r"'module.difficulty_band' under FSDP.*mini_batch"):
+        validate(compose_cfg("train", [*fsdp, "module.mini_batch_size=4"]))
 
 
 def test_evaluate_validates_first(compose_cfg, no_instantiate):

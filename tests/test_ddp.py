@@ -8,7 +8,9 @@ target lengths differ). Both runs use DDP's distributed sampler, so step k's glo
 same two samples. GRPO samples, so its runs are checked for what DDP must give them: each rank
 its own prompts (the hard-case sampler's shards) and its own sampling noise, the same weights on
 both ranks after the steps, and the same weights whether a rank's completions go through one
-backward or through mini-batches whose gradients are all-reduced once, at the last.
+backward or through mini-batches whose gradients are all-reduced once, at the last. With the
+difficulty band, a rank that keeps no group still steps with the other, which trains, and the
+rollout count sums both ranks.
 FSDP needs a GPU in Lightning: its config is checked to compose and build its strategy.
 """
 
@@ -167,6 +169,47 @@ def test_ddp_grpo_shards_prompts_and_keeps_ranks_in_sync(tmp_path, hcm_root, rec
     # many weights by up to 2 * lr.
     for name, value in full.items():
         torch.testing.assert_close(mini[name], value, rtol=0, atol=1e-5, msg=name)
+
+
+# Rank 1's answers all right, rank 0's all wrong: with the band [0.5, 1], rank 1 keeps its groups
+# and rank 0 none (it joins the backward with a weightless group).
+SPLIT_JUDGE = textwrap.dedent(
+    """
+    import torch.distributed as dist
+    from hcm.screening_score import ScreeningScore
+
+    def judge(self, completions, answers, dimensions=None):
+        right = dist.is_initialized() and dist.get_rank() == 1
+        return [{"correct": right, "dpa": float(right)} for _ in completions]
+
+    ScreeningScore.judge = judge
+    """
+)
+
+
+@pytest.mark.slow
+def test_ddp_difficulty_band_with_one_rank_empty_keeps_ranks_in_step(tmp_path, hcm_root, recorder):
+    band = [
+        "experiment=tiny_grpo", "trainer.devices=2", "data.batch_size=1", "data.switch_epoch=1",
+        "trainer.limit_train_batches=2", "callbacks.progress_bar=null", *TOY_REWARD,
+        "module.difficulty_band={low:0.5,high:1.0,oversample:2}",
+    ]  # fmt: skip
+    (tmp_path / "sitecustomize.py").write_text(toy_reward_site() + SPLIT_JUDGE)
+    run = train_cli(tmp_path, "band", *band)
+    seen = [[i for b in records(run, k) if "ids" in b for i in b["ids"]] for k in (0, 1)]
+    assert len(seen[0]) == len(seen[1]) == 4  # 2 steps x 2 prompts drawn per rank
+    finals = [records(run, k)[-1] for k in (0, 1)]
+    assert finals[0]["weights"] == finals[1]["weights"]  # one all-reduce per step, both ranks
+    trained = load_file(run / "model" / "model.safetensors")
+    init = load_file(Path(hcm_root) / ".cache" / "tiny-internvl3" / "model.safetensors")
+    key = next(k for k in trained if k.endswith("layers.0.mlp.up_proj.weight"))
+    assert (trained[key] - init[key]).abs().max() > 1e-5  # rank 1's groups trained
+    lines = (run / "csv" / "metrics.csv").read_text().splitlines()
+    rows = [dict(zip(lines[0].split(","), line.split(","), strict=True)) for line in lines[1:]]
+    steps = [r for r in rows if r.get("train/rollouts")]
+    assert [float(r["train/rollouts"]) for r in steps] == [16.0, 16.0]  # 2 ranks x 2 x G=4
+    assert [float(r["train/rollouts_total"]) for r in steps] == [16.0, 32.0]
+    assert [float(r["train/band_kept"]) for r in steps] == [0.0, 0.0]  # rank 0's: none
 
 
 def test_fsdp_config_composes_and_builds_its_strategy(compose_cfg):

@@ -1,11 +1,27 @@
-"""GRPO math: advantages and the clipped loss, against hand-computed values and TRL's formula."""
+"""GRPO math: advantages and the clipped loss, against hand-computed values and TRL's formula;
+which groups a step trains on (DAPO's redraws, the difficulty band); the module's doctests."""
 
+import doctest
 import math
 
 import pytest
 import torch
 
-from hcm.grpo_math import group_advantages, policy_loss, redraw_plan, zero_variance_groups
+import hcm.grpo_math
+from hcm.grpo_math import (
+    band_selection,
+    group_advantages,
+    pass_rates,
+    policy_loss,
+    redraw_plan,
+    zero_variance_groups,
+)
+
+
+def test_doctests():
+    failed, attempted = doctest.testmod(hcm.grpo_math)
+    assert attempted > 0 and failed == 0
+
 
 # ---------------------------------------------------------------- group_advantages
 
@@ -310,3 +326,46 @@ def test_ranks_redraw_in_step_while_any_rank_wants_to():
             draws[r] += 1
             kept[r] += keep
     assert draws == {0: 3, 1: 3} and kept == {0: 1, 1: 3}
+
+
+# ---------------------------------------------------------------- the difficulty band
+def test_pass_rates_are_the_share_right_per_group():
+    right = torch.tensor([True, True, True, False, False, False, False, False])
+    assert pass_rates(right, 4).tolist() == [0.75, 0.0]
+    assert pass_rates(right, 2).tolist() == [1.0, 0.5, 0.0, 0.0]
+
+
+RATES = [0.0, 0.25, 0.5, 0.75, 1.0, 0.5]
+
+
+@pytest.mark.parametrize(
+    ("low", "high", "batch_size", "kept"),
+    [
+        (0.25, 0.75, 8, [1, 2, 3, 5]),  # inclusive at both ends, in draw order
+        (0.25, 0.75, 2, [1, 2]),  # at most batch_size: the first ones drawn
+        (0.25, 0.75, 4, [1, 2, 3, 5]),
+        (0.3, 0.7, 8, [2, 5]),  # 0.25 and 0.75 now outside
+        (0.5, 0.5, 8, [2, 5]),  # a band of one pass rate
+        (0.0, 1.0, 3, [0, 1, 2]),  # the whole range: the band off, at oversample x fewer
+        (0.01, 0.99, 8, [1, 2, 3, 5]),  # DAPO's filter: groups whose answers disagree
+        (0.0, 0.0, 8, [0]),  # only the groups no completion gets right
+        (0.8, 0.9, 8, []),  # none in the band: the step trains nothing
+    ],
+)
+def test_band_selection(low, high, batch_size, kept):
+    assert band_selection(torch.tensor(RATES), low, high, batch_size) == kept
+
+
+@pytest.mark.parametrize(
+    ("low", "high", "batch_size", "match"),
+    [
+        (0.8, 0.2, 2, "low <= high"),
+        (-0.1, 0.5, 2, "low <= high"),
+        (0.2, 1.5, 2, "low <= high"),
+        (0.2, 0.8, 0, "batch_size"),
+        (0.2, 0.8, 2.0, "batch_size"),
+    ],
+)
+def test_band_selection_errors(low, high, batch_size, match):
+    with pytest.raises(ValueError, match=match):
+        band_selection(torch.tensor(RATES), low, high, batch_size)

@@ -1,6 +1,6 @@
 """GRPOModule on the tiny model, built from the real composed config (experiment=tiny_grpo):
 rollout layout and masks, banned image tokens, mini-batch gradients, mu > 1, the reference model,
-DAPO's redraw, checkpoints and what is logged."""
+DAPO's redraw, the difficulty band, checkpoints and what is logged (the rollout count included)."""
 
 from __future__ import annotations
 
@@ -20,7 +20,8 @@ from hcm.grpo_math import group_advantages
 from hcm.model.generation import banned_token_ids
 from hcm.model.inputs import tiles_per_row
 from hcm.rewards import REWARDS, score
-from hcm.rollout import loss_share, minibatches, pad_right
+from hcm.rollout import Rollout, loss_share, minibatches, pad_right
+from hcm.screening_score import ScreeningScore
 
 G = 4
 # Short prompts and one tile per image keep a step on the tiny model well under a second.
@@ -135,6 +136,40 @@ def test_pad_right_widens_to_the_longest():
 
 
 # -- rollout ---------------------------------------------------------------------------------------
+def test_keep_prompts_takes_whole_groups_and_cuts_only_padding():
+    """3 prompts x G=2 (tiles 1, 2, 1; completions 3, 1, 2 tokens wide at most): keeping prompts
+    2 and 0 keeps their rows, tiles and labels in that order and 3 of the 4 completion columns."""
+    lengths = [3, 2, 1, 1, 2, 1]  # per row; the widest kept row (prompt 0's) has 3
+    P, L = 2, 4
+    completion_mask = torch.tensor([[1] * n + [0] * (L - n) for n in lengths])  # (6, 4)
+    ids = torch.arange(6 * (P + L)).view(6, P + L)
+    r = Rollout(
+        G=2,
+        input_ids=ids,
+        attention_mask=torch.cat([torch.ones(6, P, dtype=torch.long), completion_mask], 1),
+        completion_mask=completion_mask,
+        truncated=torch.tensor([False, True, False, False, True, False]),
+        pixel_values=torch.arange(4.0).view(4, 1, 1, 1),  # prompt 0: tile 0; 1: 1-2; 2: 3
+        tiles=[1, 2, 1],
+        texts=[f"t{i}" for i in range(6)],
+        answers=["A", "A", "B", "B", "C", "C"],
+        labels={"answers": ["A", "A", "B", "B", "C", "C"]},
+        rewards=torch.arange(6.0),
+        per_reward={"dpa": torch.arange(6.0) / 10},
+    )
+    r.keep_prompts([2, 0])
+    rows = [4, 5, 0, 1]
+    assert torch.equal(r.input_ids, ids[rows, : P + 3])
+    assert torch.equal(r.completion_mask, completion_mask[rows, :3])
+    assert torch.equal(r.attention_mask[:, P:], r.completion_mask)
+    assert r.truncated.tolist() == [True, False, False, True]
+    assert r.pixel_values.flatten().tolist() == [3.0, 0.0] and r.tiles == [1, 1]
+    assert r.texts == ["t4", "t5", "t0", "t1"] and r.answers == ["C", "C", "A", "A"]
+    assert r.labels == {"answers": ["C", "C", "A", "A"]}
+    assert r.rewards.tolist() == [4.0, 5.0, 0.0, 1.0]
+    assert r.per_reward["dpa"].tolist() == pytest.approx([0.4, 0.5, 0.0, 0.1])
+
+
 def test_rollout_layout_and_masks(compose_cfg):
     _, dm, module = build(compose_cfg, "model.max_patches=4")
     batch = uneven_prompts(dm)
@@ -203,6 +238,7 @@ def test_a_rank_without_zero_variance_groups_draws_in_step_and_keeps_its_rollout
     module.reward(r)
     assert draws == [2, 1, 1]  # the rollout, then two draws of one prompt, in step
     assert r.texts == texts and r.rewards.tolist() == list(range(2 * module.G))
+    assert r.generated == 4 * module.G  # the discarded draws were sampled all the same
 
 
 def test_rollout_never_samples_image_tokens(compose_cfg):
@@ -259,6 +295,7 @@ def test_resample_redraws_only_zero_variance_groups(compose_cfg, monkeypatch):
     assert r.per_reward["fake"].tolist() == r.rewards.tolist()
     assert r.zero_variance_sampled == 0.5
     assert (r.advantages[:G] != 0).any()
+    assert r.generated == 3 * G  # 2 prompts, then 1 again
 
 
 # -- the update ------------------------------------------------------------------------------------
@@ -396,6 +433,8 @@ LOGGED = {
     "train/lr",
     "train/time/rollout",
     "train/time/update",
+    "train/rollouts",
+    "train/rollouts_total",
 }
 
 
@@ -419,6 +458,8 @@ def test_fit_logs_every_step_and_checkpoints_without_reference(compose_cfg, tmp_
         assert 0 <= m["train/zero_variance_groups"] <= m["train/zero_variance_groups_sampled"]
         assert 1 <= m["train/completion_length/max"] <= 6
         assert m["train/kl"] >= 0 and m["train/time/rollout"] > 0
+        assert m["train/rollouts"] >= 2 * G  # 2 prompts, and any redraw
+    assert steps[1]["train/rollouts_total"] == sum(m["train/rollouts"] for m in steps)
     assert steps[0]["train/lr"] == pytest.approx(1e-3)  # no warmup: the configured LR
     assert [t["key"] for t in recorder.tables] == ["train/completions"] * 2
     table = recorder.tables[0]
@@ -439,8 +480,12 @@ def test_fit_logs_every_step_and_checkpoints_without_reference(compose_cfg, tmp_
     resumed.on_train_start = lambda: loaded.append(
         {k: v.clone() for k, v in resumed.model.state_dict().items()}
     )
-    fit(cfg, dm, resumed, steps=3, ckpt_path=str(ckpt))
+    resumed_log = Recorder()
+    fit(cfg, dm, resumed, steps=3, logger=resumed_log, ckpt_path=str(ckpt))
     assert all(torch.equal(loaded[0][k], v) for k, v in trained.items())
+    (third,) = [m for m in resumed_log.metrics if "train/loss" in m]  # the count goes on
+    total = steps[1]["train/rollouts_total"] + third["train/rollouts"]
+    assert third["train/rollouts_total"] == total
     assert not all(torch.equal(initial[k], v) for k, v in trained.items())
     ref = resumed.ref_model.state_dict()
     assert all(torch.equal(ref[k], v) for k, v in initial.items())
@@ -512,3 +557,112 @@ def test_mask_truncated_completions_leaves_cut_completions_out_of_the_loss(compo
     zeroed = replace(unmasked, advantages=torch.where(cut, 0.0, r.advantages))
     torch.testing.assert_close(masked, gradient(zeroed), rtol=1e-9, atol=1e-12)
     assert not torch.allclose(masked, gradient(unmasked))
+
+
+# -- the difficulty band ---------------------------------------------------------------------------
+BAND = "module.difficulty_band={low:0.25,high:0.75,oversample:2}"  # 4 prompts drawn, up to 2 kept
+VERDICTS = {  # per completion: right; right by the metric only (a subset, DPA 0.5); wrong
+    1: {"correct": True, "dpa": 1.0},
+    0.5: {"correct": True, "dpa": 0.5},
+    0: {"correct": False, "dpa": 0.0},
+}
+
+
+def fake_judge(*patterns: list[float]):
+    """A metric judge that rules by `patterns` (one per call, each per completion) and checks it
+    is handed every completion with its labels."""
+    calls = iter(patterns)
+
+    def judge(completions, answers, dimensions=None, **_):
+        pattern = next(calls)
+        assert len(completions) == len(answers) == len(pattern)
+        return [dict(VERDICTS[p]) for p in pattern]
+
+    return judge
+
+
+@pytest.mark.parametrize(("correct", "kept"), [("metric", [1, 2]), ("exact", [1, 3])])
+def test_difficulty_band_keeps_the_first_groups_in_band(compose_cfg, monkeypatch, correct, kept):
+    """Pass rates by mining's rule: metric [1, 0.5, 0.75, 0.25], exact [1, 0.5, 0, 0.25]; the
+    band [0.25, 0.75] keeps the first 2 in band, in draw order, and nothing else of them."""
+    _, dm, module = build(compose_cfg, BAND, f"module.mining.correct={correct}")
+    pattern = [*(1, 1, 1, 1), *(1, 1, 0, 0), *(0.5, 0.5, 0.5, 0), *(1, 0, 0, 0)]  # 4 groups
+    monkeypatch.setattr(module.val_score, "judge", fake_judge(pattern))
+    batch = first_prompts(dm, 4)
+    torch.manual_seed(0)
+    drawn = module.generate(batch)
+    before = replace(drawn, texts=list(drawn.texts), truncated=drawn.truncated.clone())
+    module.reward(drawn)
+    r, rows = drawn, [p * G + g for p in kept for g in range(G)]
+    assert r.size == 2 * G and r.tiles == [before.tiles[p] for p in kept]
+    assert r.texts == [before.texts[i] for i in rows]
+    assert r.answers == [batch["answers"][p] for p in kept for _ in range(G)]
+    assert r.labels["dimensions"] == [batch["dimensions"][p] for p in kept for _ in range(G)]
+    P, width = batch["inputs"]["input_ids"].shape[1], r.input_ids.shape[1]
+    assert torch.equal(r.input_ids, before.input_ids[rows, :width])
+    assert not before.completion_mask[rows, width - P :].any()  # only padding cut off
+    assert torch.equal(r.completion_mask, r.attention_mask[:, -r.completion_mask.shape[1] :])
+    assert torch.equal(r.truncated, before.truncated[rows])
+    per_prompt = before.pixel_values.split(before.tiles)
+    assert torch.equal(r.pixel_values, torch.cat([per_prompt[p] for p in kept]))
+    rewards, parts = score(r.texts, r.answers, module.reward_weights)
+    assert torch.equal(r.rewards, rewards) and torch.equal(r.per_reward["dpa"], parts["dpa"])
+    assert r.generated == 4 * G  # the filtered groups were sampled too
+    assert r.band_kept == 0.5 and r.loss_weight == 1.0
+
+
+def test_difficulty_band_with_none_in_band_keeps_a_weightless_group(compose_cfg, monkeypatch):
+    _, dm, module = build(compose_cfg, BAND)
+    monkeypatch.setattr(module.val_score, "judge", fake_judge([0] * 4 * G))  # pass rates 0
+    torch.manual_seed(0)
+    r = module.generate(first_prompts(dm, 4))
+    texts = list(r.texts)
+    module.reward(r)
+    assert r.texts == texts[:G] and r.loss_weight == 0.0
+    assert r.band_kept == 0.0 and r.generated == 4 * G
+
+
+def test_difficulty_band_step_trains_on_kept_groups_and_counts_every_rollout(
+    compose_cfg, monkeypatch
+):
+    """Through a Trainer: the loader draws oversample x batch_size prompts, the update sees the
+    kept groups only, every completion sampled is counted; with none in band the step leaves
+    the weights (and AdamW's moments) alone while the step counter advances."""
+    monkeypatch.setitem(REWARDS, "letter_e", letter_e)  # reward variance: a gradient to take
+    overrides = [
+        "module.difficulty_band={low:0.5,high:1.0,oversample:2}",
+        "+module.rewards.letter_e=1.0",
+        "module.optimizer.lr=1.0e-3",
+    ]
+    # each step's 4 prompts: only the second has answers right (pass rate 1), the rest 0
+    pattern = [0] * G + [1] * G + [0] * 2 * G
+    monkeypatch.setattr(ScreeningScore, "judge", staticmethod(fake_judge(pattern, pattern)))
+    cfg, dm, module = build(compose_cfg, *overrides)
+    assert dm.train_batch_size == 4 and dm.batches_per_epoch(2) == [6, 6]  # 24 samples, 4 a step
+    sizes = []
+    update = module.update
+    monkeypatch.setattr(module, "update", lambda r: sizes.append(r.size) or update(r))
+    initial = {k: v.clone() for k, v in module.model.state_dict().items()}
+    recorder = Recorder()
+    trainer = fit(cfg, dm, module, steps=2, logger=recorder)
+    steps = [m for m in recorder.metrics if "train/loss" in m]
+    assert sizes == [G, G]  # one group of four trained on, each step
+    assert [m["train/rollouts"] for m in steps] == [4 * G, 4 * G]
+    assert [m["train/rollouts_total"] for m in steps] == [4 * G, 8 * G]
+    assert [m["train/band_kept"] for m in steps] == [0.25, 0.25]
+    moved = module.model.state_dict()
+    assert not all(torch.equal(initial[k], v) for k, v in moved.items())
+    assert module.step_log.state_dict() == {"rollouts_total": 8 * G}  # what checkpoints keep
+
+    # nothing in band on any rank: two steps that train nothing, counted all the same
+    monkeypatch.setattr(ScreeningScore, "judge", staticmethod(fake_judge(*[[0] * 4 * G] * 2)))
+    cfg, dm, module = build(compose_cfg, *overrides)
+    initial = {k: v.clone() for k, v in module.model.state_dict().items()}
+    recorder = Recorder()
+    trainer = fit(cfg, dm, module, steps=2, logger=recorder)
+    steps = [m for m in recorder.metrics if "train/loss" in m]
+    assert trainer.global_step == 2 and [m["train/loss"] for m in steps] == [0.0, 0.0]
+    assert [m["train/rollouts_total"] for m in steps] == [4 * G, 8 * G]
+    assert [m["train/band_kept"] for m in steps] == [0.0, 0.0]
+    assert all(torch.equal(initial[k], v) for k, v in module.model.state_dict().items())
+    assert not trainer.optimizers[0].state  # AdamW never took a step: no moments

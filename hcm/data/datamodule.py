@@ -2,9 +2,11 @@
 
 `mode` follows the stage: "sft" yields SFT items (sources of Table 5), "grpo" yields generation
 prompts with their answers, ordered by the hard-case sampler (all data for `switch_epoch`
-epochs, then the configured composition, Table 7). Validation yields prompts of `val_split`, test
-(an eval stage) those of `eval_split`, both scored with the section-5.1 metric; `limit_eval`
-keeps the first N of whichever of the two a stage scores. A training stage never reads
+epochs, then the configured composition, Table 7), `oversample` x `batch_size` of them per step
+(`train_batch_size`: more than batch_size only when module.difficulty_band keeps batch_size of
+those drawn; conf/module/grpo.yaml sets it from the band). Validation yields prompts of
+`val_split`, test (an eval stage) those of `eval_split`, both scored with the section-5.1 metric;
+`limit_eval` keeps the first N of whichever of the two a stage scores. A training stage never reads
 `eval_split` unless `val_split` names it (the default: `${data.eval_split}`).
 
 Resuming mid-epoch: both training orders depend only on (seed, epoch), never on the global RNG,
@@ -69,6 +71,7 @@ class ScreeningDataModule(L.LightningDataModule):
         eval_split: str = "test",
         val_split: str = "test",
         batch_size: int = 8,
+        oversample: int = 1,
         eval_batch_size: int = 8,
         num_workers: int = 0,
         limit_eval: int | None = None,
@@ -95,6 +98,7 @@ class ScreeningDataModule(L.LightningDataModule):
         self.image_layout, self.sft_sources = image_layout, list(sft_sources)
         self.train_split, self.eval_split, self.val_split = train_split, eval_split, val_split
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
+        self.oversample = oversample
         self.num_workers, self.limit_eval, self.skip_invalid = num_workers, limit_eval, skip_invalid
         self.check_images = check_images
         self.switch_epoch, self.composition, self.seed = switch_epoch, composition, seed
@@ -302,7 +306,7 @@ class ScreeningDataModule(L.LightningDataModule):
             batches = trainer.fit_loop.epoch_loop.batch_progress.current.ready
             state["position"] = {
                 "epoch": trainer.current_epoch,
-                "consumed": batches * self.batch_size,
+                "consumed": batches * self.train_batch_size,
             }
         return state
 
@@ -354,9 +358,15 @@ class ScreeningDataModule(L.LightningDataModule):
         """Training batches in each of `epochs` GRPO epochs (epoch lengths change at the switch).
         Before mining, all-data epochs: exact until the switch, and asked again after mining."""
         if self.hard_indices is None and self.composition != "all":
-            return [-(-len(self.train_dataset) // self.batch_size)] * epochs
+            return [-(-len(self.train_dataset) // self.train_batch_size)] * epochs
         sampler = self._sampler()
-        return [-(-sampler.epoch_length(e) // self.batch_size) for e in range(epochs)]
+        return [-(-sampler.epoch_length(e) // self.train_batch_size) for e in range(epochs)]
+
+    @property
+    def train_batch_size(self) -> int:
+        """Samples per training batch: `oversample` x batch_size (module.difficulty_band trains
+        on up to batch_size of them), the one size every training loader and count uses."""
+        return self.oversample * self.batch_size
 
     def _loader(self, dataset, batch_size, collate, sampler=None) -> DataLoader:
         return DataLoader(
@@ -394,7 +404,7 @@ class ScreeningDataModule(L.LightningDataModule):
                     "or every epoch would draw the same samples"
                 )
             collate = self.sft_collate if self.mode == "sft" else self.prompt_collate
-            return self._loader(self._stream(), self.batch_size, collate)
+            return self._loader(self._stream(), self.train_batch_size, collate)
         rank, world, epoch = self._place()
         if self.mode == "sft":
             sampler = ResumableSampler(
@@ -402,14 +412,14 @@ class ScreeningDataModule(L.LightningDataModule):
             )
             sampler.set_epoch(epoch)
             self._resume(sampler)
-            return self._loader(self.sft_dataset, self.batch_size, self.sft_collate, sampler)
+            return self._loader(self.sft_dataset, self.train_batch_size, self.sft_collate, sampler)
         if self.mode != "grpo":
             raise RuntimeError(f"data.mode={self.mode!r} has no training data")
         sampler = self._sampler()
         sampler.set_epoch(epoch)
         self._resume(sampler)
         return self._loader(
-            self.train_dataset, self.batch_size, self.prompt_collate, sampler=sampler
+            self.train_dataset, self.train_batch_size, self.prompt_collate, sampler=sampler
         )
 
     def _held_out_loader(self, dataset) -> DataLoader:

@@ -18,10 +18,13 @@ undefined wherever the policy moves mass across the cut-off.
 Departures from the paper, each a config knob: `old_logprobs` are the rollout policy's, and with
 mu = 1 they equal the current ones detached (ratio 1, as TRL), saving a forward pass; groups with
 zero reward variance can be redrawn (DAPO's dynamic sampling; under DDP/FSDP while any rank has
-one), off by default; completions cut by the completion budget can be left out of the loss
+one), off by default; a step can draw `oversample` x B prompts and train on up to B of them whose
+current pass rate lies in a band (`difficulty_band`, online difficulty selection), off by
+default; completions cut by the completion budget can be left out of the loss
 (TRL's mask_truncated_completions), off by default (they keep their reward, 0 without an
 answer, and their advantage). The LR schedule steps once per rollout (per dataloader batch),
-whatever mu; `global_step` counts optimizer steps, mu per rollout.
+whatever mu; `global_step` counts optimizer steps, mu per rollout. Every step counts the
+completions it sampled (`Rollout.generated`), so that arms can be compared at equal rollouts.
 
 With LoRA (`module.lora`) pi_ref is the policy with its adapters off (`reference`), not a
 second model: the same function as the paper's reference, the stage's initial model.
@@ -40,9 +43,16 @@ from typing import Any
 import torch
 
 from hcm.faults import fault_point
-from hcm.grpo_math import group_advantages, policy_loss, redraw_plan, zero_variance_groups
+from hcm.grpo_math import (
+    band_selection,
+    group_advantages,
+    pass_rates,
+    policy_loss,
+    redraw_plan,
+    zero_variance_groups,
+)
 from hcm.logprobs import completion_logprobs
-from hcm.mining import Mining
+from hcm.mining import Mining, is_right
 from hcm.model import generation, lora
 from hcm.model.inputs import tiles_per_row
 from hcm.model.vision_cache import rows_by_prompt, shared_image_logprobs
@@ -78,6 +88,7 @@ class GRPOModule(ScreeningModule):
         logprob_chunk_size: int,
         max_grad_norm: float | None,
         resample_zero_variance: int,
+        difficulty_band: dict | None,
         mask_truncated_completions: bool,
         mining: dict,
         log_completions_every_n_steps: int,
@@ -104,12 +115,14 @@ class GRPOModule(ScreeningModule):
         self.mini_batch_size = mini_batch_size
         self.logprob_chunk_size, self.max_grad_norm = logprob_chunk_size, max_grad_norm
         self.resample_zero_variance = resample_zero_variance
+        self.difficulty_band = dict(difficulty_band) if difficulty_band else None
         self.mask_truncated_completions = mask_truncated_completions
         self.mining = dict(mining)
         self.step_log = GRPOStepLog(
             log_completions_every_n_steps,
             log_completions_prompts,
             log_resampled=resample_zero_variance > 0,
+            log_band=difficulty_band is not None,
         )
         self.fast = dict(fast)  # speed-ups that keep the plain path's numbers; off by default
         self.stop_at_switch = stop_at_switch
@@ -219,6 +232,7 @@ class GRPOModule(ScreeningModule):
         inputs, G = batch["inputs"], self.G  # on self.device: Lightning moved the batch
         gen = self._sample(inputs)  # the one place each prompt is repeated G times
         cfg = self.model.config
+        keys = [k for k in self.val_score.batch_keys if k in batch]  # what the metric judges by
         return Rollout(
             G=G,
             input_ids=torch.cat([gen.prompt_ids, gen.completion_ids], 1),  # (B*G, P+L)
@@ -229,19 +243,24 @@ class GRPOModule(ScreeningModule):
             tiles=tiles_per_row(inputs["input_ids"], cfg.image_token_id, cfg.image_seq_length),
             texts=list(gen.texts),
             answers=[a for a in batch["answers"] for _ in range(G)],  # (B*G,)
+            labels={k: [v for v in batch[k] for _ in range(G)] for k in keys},  # (B*G,) each
             mask_truncated=self.mask_truncated_completions,
+            generated=len(gen.texts),
         )
 
     @torch.no_grad()
     def reward(self, rollout: Rollout) -> None:
-        """Score the completions (eqs. 6-7; on the CPU). With `resample_zero_variance`, DAPO's
-        dynamic sampling first redraws, up to that many times, the groups whose G rewards are
-        equal (they carry no signal), in place; under DDP/FSDP every rank draws as many times
+        """Score the completions (eqs. 6-7; on the CPU). With `difficulty_band`, keep only the
+        groups in the band (`keep_in_band`). With `resample_zero_variance`, DAPO's dynamic
+        sampling first redraws, up to that many times, the groups whose G rewards are equal
+        (they carry no signal), in place; under DDP/FSDP every rank draws as many times
         (`redraw_plan`)."""
         G = self.G
         rollout.rewards, rollout.per_reward = score(
             rollout.texts, rollout.answers, self.reward_weights
         )  # (B*G,)
+        if self.difficulty_band is not None:
+            self.keep_in_band(rollout)
         flat = zero_variance_groups(rollout.rewards, G)  # (B,)
         rollout.zero_variance_sampled = flat.float().mean().item()
         for _ in range(self.resample_zero_variance):
@@ -250,6 +269,7 @@ class GRPOModule(ScreeningModule):
                 break
             prompts, keep = plan
             gen = self._sample(self._select_prompts(rollout, prompts))
+            rollout.generated += len(gen.texts)
             if not keep:  # drawn only to keep this rank's generate calls in step
                 continue
             rows = [p * G + g for p in prompts for g in range(G)]  # their rows in the rollout
@@ -262,6 +282,26 @@ class GRPOModule(ScreeningModule):
             for name in rollout.per_reward:
                 rollout.per_reward[name][rows] = parts[name]
             flat = zero_variance_groups(rollout.rewards, G)  # (B,) after the redraw
+
+    def keep_in_band(self, rollout: Rollout) -> None:
+        """Online difficulty selection, in place: of the oversample x B prompts drawn, keep up
+        to B whose pass rate lies in the band (`band_selection`). A completion is right as
+        hard-case mining calls it (`is_right` of the datamodule's metric, `mining.correct`).
+
+        A rank whose band keeps nothing keeps its first group with loss weight 0, so that it
+        still joins the collective forward and backward; when no rank keeps any, the update
+        skips its optimizer steps (`update`). Each rank selects on its own shard, with one
+        `generate` call per step on every rank, as without the band."""
+        band, G = self.difficulty_band, self.G
+        verdicts = self.val_score.judge(rollout.texts, **rollout.labels)  # (B*G,)
+        right = torch.tensor([is_right(v, self.mining["correct"]) for v in verdicts])
+        drawn = rollout.size // G
+        B = -(-drawn // band["oversample"])  # a short last batch keeps as many per draw
+        kept = band_selection(pass_rates(right, G), band["low"], band["high"], B)
+        rollout.band_kept = len(kept) / drawn
+        if not kept:
+            kept, rollout.loss_weight = [0], 0.0
+        rollout.keep_prompts(kept)
 
     def _any_rank(self, flag: bool) -> bool:
         """Whether `flag` holds on any rank (an all-reduce under DDP/FSDP)."""
@@ -286,12 +326,19 @@ class GRPOModule(ScreeningModule):
 
     def update(self, rollout: Rollout) -> dict[str, float]:
         """mu optimizer steps on the rollout, then one step of the LR schedule; the loss
-        statistics of the last pass and the update's duration ("time/update", seconds)."""
+        statistics of the last pass and the update's duration ("time/update", seconds).
+
+        When the difficulty band kept no group on any rank, the steps have no gradient: the
+        optimizer leaves the weights and its moments (as NonFiniteGuard's skipped steps), the LR
+        schedule and the step counter advance."""
         fault_point("grpo_step")  # tests/test_resume.py kills a run here
         start = time.perf_counter()
         opt = self.optimizers()
+        trains = self.difficulty_band is None or self._any_rank(rollout.loss_weight > 0)
+        stats = {"loss": 0.0}
         for _ in range(self.num_iterations):  # mu optimizer steps on the same completions
-            stats = self.accumulate_gradients(rollout)  # the loss of eqs. 3-5
+            if trains:
+                stats = self.accumulate_gradients(rollout)  # the loss of eqs. 3-5
             opt.step()  # clips first (on_before_optimizer_step)
             opt.zero_grad(set_to_none=True)
         self.lr_schedulers().step()
@@ -343,7 +390,7 @@ class GRPOModule(ScreeningModule):
             mask,
             **self.loss_args,
         )
-        share = loss_share(mask, rollout.size, n_tokens, self.loss_agg)
+        share = loss_share(mask, rollout.size, n_tokens, self.loss_agg) * rollout.loss_weight
         self.manual_backward(loss * share)
         # The stats are masked means over tokens: weigh them by token share.
         token_share = int(mask.sum()) / max(n_tokens, 1)

@@ -8,7 +8,11 @@ last pass, with the update's own duration. (Logged inside the step, so that ever
 callback's `on_train_batch_end`, the progress bar's included, sees this step's values.) Keys:
 `train/reward/total` (eq. 6's weighted sum), `train/reward/<name>` per reward function,
 `train/zero_variance_groups` (groups with no learning signal), `train/time/rollout` (sampling,
-scoring, advantages and the fixed log-probs) and `train/time/update`.
+scoring, advantages and the fixed log-probs) and `train/time/update`; `train/rollouts`, the
+completions the step sampled on all ranks (redraws and those the difficulty band left out
+included), and `train/rollouts_total`, their sum over the run (kept in checkpoints: a resumed
+run goes on counting), the budget arms are compared at; with `module.difficulty_band`,
+`train/band_kept`, the share of the drawn prompts kept (rank 0's; 0: nothing trained).
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import time
 from typing import Any
 
 import lightning as L
+import torch
 
 from hcm.grpo_math import zero_variance_groups
 from hcm.rollout import Rollout
@@ -66,13 +71,30 @@ def completion_table(rollout: Rollout, step: int, prompts: int) -> tuple[list[st
     return columns, data
 
 
+def all_ranks(module: L.LightningModule, n: int) -> int:
+    """`n` summed over the ranks (an all-reduce of one number under DDP/FSDP)."""
+    trainer = module.trainer
+    if trainer.world_size == 1:
+        return n
+    total = trainer.strategy.reduce(torch.tensor(float(n), device=module.device), reduce_op="sum")
+    return round(float(total))
+
+
 class GRPOStepLog(L.Callback):
     """Logs each GRPO step (`step_metrics`) and every `every_n_steps` rollouts a table of the
     first `prompts` prompts' completions (0: never)."""
 
-    def __init__(self, every_n_steps: int, prompts: int, log_resampled: bool):
+    def __init__(self, every_n_steps: int, prompts: int, log_resampled: bool, log_band: bool):
         self.every_n_steps, self.prompts, self.log_resampled = every_n_steps, prompts, log_resampled
+        self.log_band = log_band
+        self.rollouts_total = 0  # completions sampled so far, all ranks (in checkpoints)
         self._start: dict[str, Any] = {}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"rollouts_total": self.rollouts_total}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.rollouts_total = state["rollouts_total"]
 
     def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
         # Before the update: its optimizer steps advance global_step and its last line the LR.
@@ -89,6 +111,11 @@ class GRPOStepLog(L.Callback):
         values["train/time/update"] = stats["time/update"]
         if self.log_resampled:
             values["train/zero_variance_groups_sampled"] = rollout.zero_variance_sampled
+        if self.log_band:
+            values["train/band_kept"] = rollout.band_kept
+        rollouts = all_ranks(module, rollout.generated)
+        self.rollouts_total += rollouts
+        values["train/rollouts"], values["train/rollouts_total"] = rollouts, self.rollouts_total
         module.log_dict(values, batch_size=rollout.size)
         reward = float(rollout.rewards.mean())
         module.log("train/reward", reward, prog_bar=True, batch_size=rollout.size)
