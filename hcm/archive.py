@@ -5,13 +5,14 @@ session may start on a machine without `outputs/`).
     python -m hcm.archive outputs/cpu_paper docs/results/science_cpu_v2/runs/cpu_paper-s0
     python -m hcm.archive multirun/2026-12-03/01-00-00 docs/results/table6/part0
 
-A job folder (one with `.hydra/`) is copied as one job, a stage folder (`eval.py`'s output) as one
-stage; any other folder as a multirun, each job folder under it (and its `multirun.yaml`). Per
-job: `.hydra/`, `summary.json`, `summary.md`, `metrics.json`, and per stage (symlinks into the
-stage store followed): `stage.json`,
-`metrics.json`, `hard_cases.json`, the CSV logs, and `predictions.jsonl` with each record's
-`completion` and `images` left out (the per-sample `correct`, `dpa`, `faithful` and `parsed`
-answer are what paired differences and judgement read). About 150 kB per evaluated 2,048 samples.
+A job folder (one with `.hydra/`) is copied as one job, a stage folder (the stage store's, with its
+`stage.json`, or `eval.py`'s output, with its `metrics.json`) as one stage; any other folder as a
+multirun, each job folder under it (and its `multirun.yaml`). Per job: `.hydra/`, `summary.json`,
+`summary.md`, `metrics.json`, and per stage (symlinks into the stage store followed):
+`stage.json`, `metrics.json`, `hard_cases.json`, the CSV logs, and `predictions.jsonl` with each
+record's `completion` and `images` left out (the per-sample `correct`, `dpa`, `faithful` and
+`parsed` answer are what paired differences and judgement read). About 150 kB per evaluated
+2,048 samples.
 """
 
 from __future__ import annotations
@@ -59,18 +60,19 @@ def archive_stage(stage: Path, dest: Path) -> None:
 
 def archive(src: Path, dest: Path) -> list[Path]:
     """Copy the job folder `src`, every job folder of the multirun `src`, or the single stage
-    `src` (an `eval.py` output: its `metrics.json`, no `.hydra/`) into `dest`; returns the job
-    (or stage) folders written."""
+    `src` (a stage store's folder, or an `eval.py` output: no `.hydra/`) into `dest`; returns
+    the job (or stage) folders written."""
     if (src / ".hydra").is_dir():
         archive_job(src, dest)
         return [dest]
-    if (src / "metrics.json").is_file():
+    if (src / "stage.json").is_file() or (src / "metrics.json").is_file():
         archive_stage(src, dest)
         return [dest]
     jobs = sorted(p for p in src.iterdir() if (p / ".hydra").is_dir())
     if not jobs:
         raise FileNotFoundError(
-            f"{src} is neither a job folder, a multirun nor a stage (no .hydra/, metrics.json)"
+            f"{src} is neither a job folder, a multirun nor a stage "
+            "(no .hydra/, stage.json or metrics.json)"
         )
     dest.mkdir(parents=True, exist_ok=True)
     if (src / "multirun.yaml").is_file():

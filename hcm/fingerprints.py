@@ -115,8 +115,13 @@ def code_version(repo_dir: Path) -> dict[str, Any]:
 
     commit = git("rev-parse", "HEAD")
     dirty = bool(git("status", "--porcelain", "--untracked-files=no")) if commit else None
+    # None: run from a checkout that was never installed
+    return {"version": package_version("hcm"), "commit": commit, "dirty": dirty}
+
+
+def package_version(package: str) -> str | None:
+    """An installed distribution's version (e.g. "flash-attn"), None when it is not installed."""
     try:
-        version = metadata.version("hcm")
-    except metadata.PackageNotFoundError:  # run from a checkout that was never installed
-        version = None
-    return {"version": version, "commit": commit, "dirty": dirty}
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return None

@@ -65,3 +65,15 @@ def test_an_eval_output_is_archived_as_one_stage(tmp_path):
     (written,) = archive(stage, tmp_path / "archived")
     assert (written / "metrics.json").is_file() and not (written / "model").exists()
     assert "completion" not in (written / "predictions.jsonl").read_text()
+
+
+def test_a_training_stage_of_the_store_is_archived_as_one_stage(tmp_path):
+    """A training stage has no metrics.json: its stage.json says what it is."""
+    stage = tmp_path / "sft-123"
+    (stage / "csv").mkdir(parents=True)
+    (stage / "model").mkdir()
+    (stage / "stage.json").write_text('{"config_hash": "123"}')
+    (stage / "csv" / "metrics.csv").write_text("step,epoch\n0,0\n")
+    (written,) = archive(stage, tmp_path / "archived")
+    assert (written / "stage.json").is_file() and (written / "csv" / "metrics.csv").is_file()
+    assert not (written / "model").exists()

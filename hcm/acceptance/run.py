@@ -3,7 +3,6 @@ failure; the report rewritten after every check, so a run that dies leaves what 
 
 from __future__ import annotations
 
-import importlib.metadata
 import importlib.util
 import logging
 import os
@@ -19,6 +18,8 @@ from omegaconf import OmegaConf
 
 from hcm.acceptance.checks import CHECKS, traceback_text
 from hcm.acceptance.report import FAIL, Section, overall_status, to_json, write_report
+from hcm.bench.run import PACKAGES
+from hcm.bench.run import environment as bench_environment
 from hcm.config import REPO_DIR, register_resolvers
 from hcm.fingerprints import code_version
 
@@ -52,20 +53,11 @@ def missing(needs: Sequence[str]) -> str | None:
     return None
 
 
-def _version(package: str) -> str | None:
-    try:
-        return importlib.metadata.version(package)
-    except importlib.metadata.PackageNotFoundError:
-        return None
-
-
 def environment() -> dict[str, Any]:
     code = code_version(REPO_DIR)
     return {
-        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+        **bench_environment((*PACKAGES, "peft", "torchvision")),
         "cuda": torch.version.cuda if torch.cuda.is_available() else None,
-        **{p: _version(p) for p in ("torch", "transformers", "trl", "lightning", "peft")},
-        **{p: _version(p) for p in ("flash-attn", "torchvision")},
         "python": sys.version.split()[0],
         "commit": (code["commit"] or "-")[:12] + (" (modified)" if code["dirty"] else ""),
     }

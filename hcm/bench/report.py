@@ -80,6 +80,6 @@ def format_table(results: dict[str, Any]) -> str:
         "tok/s: rollout = sampled tokens/s; reference, update = prompt + completion tokens/s; "
         "whole step = sampled tokens/s",
         f"device {env['device']}; torch {env['torch']}, transformers {env['transformers']}, "
-        f"trl {env.get('trl', '-')}, lightning {env['lightning']}",
+        f"trl {env.get('trl') or '-'}, lightning {env['lightning']}",
     ]
     return "\n".join(lines)

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import gc
-import importlib.metadata
 import json
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -19,24 +19,20 @@ from hcm.bench.report import format_table
 from hcm.bench.timing import summarize
 from hcm.bench.trl_grpo import run_trl
 from hcm.bench.workload import build_model_folder, conversations
+from hcm.fingerprints import package_version
 from hcm.model.loading import load_tokenizer, resolve_dtype
 
 log = logging.getLogger(__name__)
 
 
-def _version(package: str) -> str:
-    try:
-        return importlib.metadata.version(package)
-    except importlib.metadata.PackageNotFoundError:
-        return "-"
+# What a bench report names the versions of (environment()).
+PACKAGES = ("torch", "transformers", "trl", "lightning", "flash-attn")
 
 
-def environment() -> dict[str, str]:
+def environment(packages: Sequence[str] = PACKAGES) -> dict[str, str | None]:
+    """The device and each package's version (None: not installed)."""
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
-    return {
-        "device": device,
-        **{p: _version(p) for p in ("torch", "transformers", "trl", "lightning", "flash-attn")},
-    }
+    return {"device": device, **{p: package_version(p) for p in packages}}
 
 
 def peak_flops(table: dict[str, float], device: str) -> float | None:
