@@ -127,8 +127,17 @@ def config_hash(cfg: DictConfig) -> str:
 
 
 # What a stage that continues another (a pipeline's continue_from) may change: what its epochs
-# train on, where it starts, and that it goes past the switch.
-CONTINUATION_MAY_CHANGE = ("data.composition", "module.stop_at_switch", "init_ckpt", "upstream")
+# train on and how a step picks its groups from what it draws (offline against online difficulty
+# selection after the same first epochs), where it starts, and that it goes past the switch.
+CONTINUATION_MAY_CHANGE = (
+    "data.composition",
+    "module.difficulty_band",
+    "data.oversample",
+    "module.resample_zero_variance",
+    "module.stop_at_switch",
+    "init_ckpt",
+    "upstream",
+)
 
 
 def continuation_changes(first: DictConfig, then: DictConfig) -> list[str]:

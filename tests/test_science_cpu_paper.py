@@ -1,9 +1,9 @@
 """The science sweeps in the paper's data regime at CPU scale (sweeps/science_cpu_paper_table5,
-6 and 7): every job composes and every stage validates, and the tables share what the report
-says they share: per seed one SFT 1.1 and one SFT 1.2 model for Tables 5 and 6 (Exp2 and Exp4 are
-cpu_paper's stages), one grpo_all for the DPA arms of Table 6 and every arm of Table 7, and seeds
-apart. Composition only (the runs take hours on 2 cores); the pipeline itself runs in the tiny
-chains of tests/test_stage_store.py and tests/test_sweeps.py."""
+6, 7 and _selection): every job composes and every stage validates, and the tables share what the
+report says they share: per seed one SFT 1.1 and one SFT 1.2 model for Tables 5 and 6 (Exp2 and
+Exp4 are cpu_paper's stages), one grpo_all for the DPA arms of Table 6, every arm of Table 7 and
+of the selection sweep, and seeds apart. Composition only (the runs take hours on 2 cores); the
+pipeline itself runs in the tiny chains of tests/test_stage_store.py and tests/test_sweeps.py."""
 
 from __future__ import annotations
 
@@ -31,12 +31,13 @@ def sweep_jobs(table: str, seed: str) -> list[list[str]]:
     return [list(job) for job in itertools.product(*axes)]
 
 
-@pytest.mark.slow  # ~14 pipeline compositions, ~50 s
+@pytest.mark.slow  # ~16 pipeline compositions, ~60 s
 def test_tables_5_6_7_compose_and_share_their_stages(compose_cfg):
     # folders[seed, stage name]["table: arm"] = the stage's folder, for every job of seed 0
     # and, to see that seeds share nothing, cpu_paper of seed 1
     folders: dict[tuple[int, str], dict[str, str]] = defaultdict(dict)
-    jobs = [(t, job) for t in ("table5", "table6", "table7") for job in sweep_jobs(t, "0")]
+    tables = ("table5", "table6", "table7", "selection")
+    jobs = [(t, job) for t in tables for job in sweep_jobs(t, "0")]
     for table, job in [*jobs, ("table6", ["experiment=cpu_paper", "seed=1"])]:
         cfg = compose_cfg("train", [f"+sweeps=science_cpu_paper_{table}", *job])
         arm = " ".join(o for o in job if not o.startswith("seed="))
@@ -57,11 +58,15 @@ def test_tables_5_6_7_compose_and_share_their_stages(compose_cfg):
     # Exp1 and Exp3 train their own SFT stage
     assert not one("sft_1_1", paper[0], "table5: experiment=cpu_paper_exp1")
     assert not one("sft_1_2", paper[0], "table5: experiment=cpu_paper_exp3")
-    # one grpo_all: the DPA arms of Table 6 and every composition of Table 7 start there
+    # one grpo_all: the DPA arms of Table 6, every composition of Table 7 and every selection
     assert len(set(folders[0, "grpo_all"].values())) == 1
     # Table 7's "all" arm is Table 6's DPA-GRPO, its all + hard arm HCM-GRPO
     table7 = "table7: experiment=cpu_paper data.composition="
     assert one("grpo", f"{table7}all", "table6: experiment=cpu_paper_dpa")
     assert one("grpo", f"{table7}all_plus_hard", "table6: experiment=cpu_paper")
+    # the selection sweep's control is Table 7's all + random; its online arms train their own
+    assert one("grpo", f"{table7}all_plus_random", "selection: experiment=cpu_paper_random")
+    online = [folders[0, "grpo"][f"selection: experiment=cpu_paper_{a}"] for a in ("dapo", "band")]
+    assert len(set(online) | {folders[0, "grpo"][f"{table7}all_plus_random"]}) == 3
     for name in ("sft_1_1", "sft_1_2", "sft_eval", "grpo_all", "grpo"):  # seeds share nothing
         assert folders[1, name]["table6: experiment=cpu_paper"] not in folders[0, name].values()

@@ -63,10 +63,15 @@ def test_sft_stages_ignore_grpo_only_keys(compose_cfg, override, same_stage):
     assert (stages.config_hash(compose_cfg("train", [*sft, override])) == base) == same_stage
 
 
-def test_a_continuation_may_change_only_its_composition(compose_cfg):
+def test_a_continuation_may_change_only_its_data_and_how_it_selects(compose_cfg):
     first = grpo(compose_cfg, "module.stop_at_switch=true", "data.composition=all")
     then = grpo(compose_cfg, "data.composition=hard_only", "init_ckpt=/x/last.ckpt")
     assert stages.continuation_changes(first, then) == []
+    band = "module.difficulty_band={low:0.25,high:0.75,oversample:2}"
+    online = grpo(compose_cfg, "data.composition=all_plus_random", band)
+    assert stages.continuation_changes(first, online) == []  # a selection rule after the switch
+    redraws = grpo(compose_cfg, "data.composition=all", "module.resample_zero_variance=2")
+    assert stages.continuation_changes(first, redraws) == []
     lr = grpo(compose_cfg, "data.composition=hard_only", "module.optimizer.lr=0.5")
     assert stages.continuation_changes(first, lr) == ["module.optimizer.lr"]
 
