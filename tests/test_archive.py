@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 from hcm.archive import archive
@@ -77,3 +78,24 @@ def test_a_training_stage_of_the_store_is_archived_as_one_stage(tmp_path):
     (written,) = archive(stage, tmp_path / "archived")
     assert (written / "stage.json").is_file() and (written / "csv" / "metrics.csv").is_file()
     assert not (written / "model").exists()
+
+
+def test_a_store_keeps_each_stage_once_and_jobs_link_to_it(tmp_path):
+    """Two jobs (two tables of a seed) that ran the same stage: one copy, two links, and the
+    job reads through its link what it read through the stage store's."""
+    job = fake_job(tmp_path)
+    other = tmp_path / "other"
+    (other / ".hydra").mkdir(parents=True)
+    (other / "stages").mkdir()
+    (other / "stages" / "eval").symlink_to(tmp_path / "store" / "eval-123")
+    store = tmp_path / "results" / "stages"
+    archive(job, tmp_path / "results" / "table6", store)
+    archive(other, tmp_path / "results" / "table7", store)
+    assert [p.name for p in store.iterdir()] == ["eval-123"]
+    for table in ("table6", "table7"):
+        link = tmp_path / "results" / table / "stages" / "eval"
+        assert link.is_symlink() and not Path(os.readlink(link)).is_absolute()
+        assert json.loads((link / "metrics.json").read_text())["metrics"] == {
+            "test/score/overall": 50.0
+        }
+    assert not (store / "eval-123" / "model").exists()
