@@ -32,17 +32,22 @@ def jobs(compose_cfg, script: str, words: list[str]) -> list[list[str]]:
     overrides = [w for w in words if w not in ("-m", "--multirun")]
     if len(overrides) == len(words):
         return [overrides]
-    params = compose_cfg(script, overrides).hydra.sweeper.params or {}
     parser = OverridesParser.create()
+    # values swept on the command line (seed=0,1) and in the sweep file both make jobs
+    parsed = parser.parse_overrides(overrides)
+    fixed = [w for w, o in zip(overrides, parsed) if not o.is_sweep_override()]
+    cli = {o.get_key_element(): list(o.sweep_string_iterator()) for o in parsed if o.is_sweep_override()}
+    params = compose_cfg(script, fixed).hydra.sweeper.params or {}
     swept = {}
     for key, value in params.items():
         o = parser.parse_override(f"{key}={value}")
         swept[key] = list(o.sweep_string_iterator()) if o.is_sweep_override() else [str(value)]
+    swept.update(cli)  # the command line wins over the sweep file, as in Hydra
     first = [f"{k}={v[0]}" for k, v in swept.items()]
-    out = [[*overrides, *first]]
+    out = [[*fixed, *first]]
     for i, (key, values) in enumerate(swept.items()):
         for v in values[1:]:
-            out.append([*overrides, *first[:i], f"{key}={v}", *first[i + 1 :]])
+            out.append([*fixed, *first[:i], f"{key}={v}", *first[i + 1 :]])
     return out
 
 
