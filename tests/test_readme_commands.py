@@ -43,6 +43,8 @@ def jobs(compose_cfg, script: str, words: list[str]) -> list[list[str]]:
         o = parser.parse_override(f"{key}={value}")
         swept[key] = list(o.sweep_string_iterator()) if o.is_sweep_override() else [str(value)]
     swept.update(cli)  # the command line wins over the sweep file, as in Hydra
+    if "seed" in swept:  # one number that selects no config: its first value stands for all
+        swept["seed"] = swept["seed"][:1]
     first = [f"{k}={v[0]}" for k, v in swept.items()]
     out = [[*fixed, *first]]
     for i, (key, values) in enumerate(swept.items()):

@@ -25,18 +25,22 @@ DPA_STAGES = ["base", "sft", "sft_eval", "grpo_all", "grpo", "grpo_eval"]
 
 
 def sweep_jobs(sweep: str) -> list[list[str]]:
-    """Each job's command-line overrides, as Hydra's basic sweeper expands the sweep's params."""
+    """Each job's command-line overrides, as Hydra's basic sweeper expands the sweep's params,
+    for the first two seeds: a third composes like the second (the seed is one number)."""
     params = OmegaConf.load(REPO / "sweeps" / f"{sweep}.yaml").hydra.sweeper.params
-    axes = [[f"{key}={v}" for v in str(values).split(",")] for key, values in params.items()]
+    axes = [
+        [f"{key}={v}" for v in str(values).split(",")][: 2 if key == "seed" else None]
+        for key, values in params.items()
+    ]
     return [list(job) for job in itertools.product(*axes)]
 
 
-@pytest.mark.slow  # 10-20 s of CPU each (90 stage compositions for table 7)
+@pytest.mark.slow  # 25-45 s of CPU each (60 stage compositions for table 7)
 @pytest.mark.parametrize("sweep", SWEEPS)
 def test_every_job_composes_validates_and_shares_one_base(compose_cfg, sweep):
     folders: dict[str, dict[int, set[str]]] = defaultdict(lambda: defaultdict(set))
     jobs = sweep_jobs(sweep)
-    assert len(jobs) == {"science_gpu_table6": 9, "science_gpu_table7": 15}[sweep]
+    assert len(jobs) == {"science_gpu_table6": 6, "science_gpu_table7": 10}[sweep]
     for job in jobs:
         cfg = compose_cfg("train", [f"+sweeps={sweep}", *job])
         composed = compose_stages(cfg)
@@ -55,10 +59,10 @@ def test_every_job_composes_validates_and_shares_one_base(compose_cfg, sweep):
             assert stage.seed == (0 if name == "base" else cfg.seed), (job, name)
     # one base model for every job and seed; one SFT model per seed, shared by its arms
     assert len(set().union(*folders["base"].values())) == 1
-    assert [len(f) for f in folders["sft"].values()] == [1, 1, 1]
-    assert len(set().union(*folders["sft"].values())) == 3
+    assert [len(f) for f in folders["sft"].values()] == [1, 1]
+    assert len(set().union(*folders["sft"].values())) == 2
     # the DPA arms of a seed share their first GRPO epochs
-    assert [len(f) for f in folders["grpo_all"].values()] == [1, 1, 1]
+    assert [len(f) for f in folders["grpo_all"].values()] == [1, 1]
 
 
 def test_the_gpu_model_has_the_size_its_config_states(compose_cfg):
