@@ -2,7 +2,8 @@
 6, 7 and _selection): every job composes and every stage validates, and the tables share what the
 report says they share: per seed one SFT 1.1 and one SFT 1.2 model for Tables 5 and 6 (Exp2 and
 Exp4 are cpu_paper's stages), one grpo_all for the DPA arms of Table 6, every arm of Table 7 and
-of the selection sweep, and seeds apart. Composition only (the runs take hours on 2 cores); the
+of the selection sweep, and seeds apart; cpu_paper_lora shares cpu_paper's SFT models and differs
+from it in its GRPO stages only by LoRA and its learning rate. Composition only (the runs take hours on 2 cores); the
 pipeline itself runs in the tiny chains of tests/test_stage_store.py and tests/test_sweeps.py."""
 
 from __future__ import annotations
@@ -70,3 +71,24 @@ def test_tables_5_6_7_compose_and_share_their_stages(compose_cfg):
     assert len(set(online) | {folders[0, "grpo"][f"{table7}all_plus_random"]}) == 3
     for name in ("sft_1_1", "sft_1_2", "sft_eval", "grpo_all", "grpo"):  # seeds share nothing
         assert folders[1, name]["table6: experiment=cpu_paper"] not in folders[0, name].values()
+
+
+def test_the_lora_variant_shares_sft_and_changes_only_how_grpo_updates(compose_cfg):
+    stages = {}
+    for experiment in ("cpu_paper", "cpu_paper_lora"):
+        cfg = compose_cfg("train", [f"experiment={experiment}", "seed=1"])
+        stages[experiment] = {name: stage for name, _, stage in compose_stages(cfg)}
+    full, lora = stages["cpu_paper"], stages["cpu_paper_lora"]
+    assert full.keys() == lora.keys()
+    for name in ("sft_1_1", "sft_1_2", "sft_eval"):
+        assert full[name].paths.output_dir == lora[name].paths.output_dir, name
+    for name in ("grpo_all", "grpo", "grpo_eval"):
+        assert full[name].paths.output_dir != lora[name].paths.output_dir, name
+    for name in ("grpo_all", "grpo"):
+        validate(lora[name])
+        assert full[name].module.get("lora") is None and lora[name].module.lora.rank == 16
+        assert lora[name].module.optimizer.lr == 10 * full[name].module.optimizer.lr
+        # everything else as cpu_paper's: data, whole epochs, the seed
+        for key in ("data.root", "data.val_split", "trainer.limit_train_batches", "seed",
+                    "trainer.max_epochs", "data.composition"):
+            assert OmegaConf.select(full[name], key) == OmegaConf.select(lora[name], key), key
