@@ -35,8 +35,12 @@ def jobs(compose_cfg, script: str, words: list[str]) -> list[list[str]]:
     parser = OverridesParser.create()
     # values swept on the command line (seed=0,1) and in the sweep file both make jobs
     parsed = parser.parse_overrides(overrides)
-    fixed = [w for w, o in zip(overrides, parsed) if not o.is_sweep_override()]
-    cli = {o.get_key_element(): list(o.sweep_string_iterator()) for o in parsed if o.is_sweep_override()}
+    fixed = [w for w, o in zip(overrides, parsed, strict=True) if not o.is_sweep_override()]
+    cli = {
+        o.get_key_element(): list(o.sweep_string_iterator())
+        for o in parsed
+        if o.is_sweep_override()
+    }
     params = compose_cfg(script, fixed).hydra.sweeper.params or {}
     swept = {}
     for key, value in params.items():

@@ -3,8 +3,9 @@
 report says they share: per seed one SFT 1.1 and one SFT 1.2 model for Tables 5 and 6 (Exp2 and
 Exp4 are cpu_paper's stages), one grpo_all for the DPA arms of Table 6, every arm of Table 7 and
 of the selection sweep, and seeds apart; cpu_paper_lora shares cpu_paper's SFT models and differs
-from it in its GRPO stages only by LoRA and its learning rate. Composition only (the runs take hours on 2 cores); the
-pipeline itself runs in the tiny chains of tests/test_stage_store.py and tests/test_sweeps.py."""
+from it in its GRPO stages only by LoRA and its learning rate. Composition only (the runs take
+hours on 2 cores); the pipeline itself runs in the tiny chains of tests/test_stage_store.py and
+tests/test_sweeps.py."""
 
 from __future__ import annotations
 
@@ -89,6 +90,12 @@ def test_the_lora_variant_shares_sft_and_changes_only_how_grpo_updates(compose_c
         assert full[name].module.get("lora") is None and lora[name].module.lora.rank == 16
         assert lora[name].module.optimizer.lr == 10 * full[name].module.optimizer.lr
         # everything else as cpu_paper's: data, whole epochs, the seed
-        for key in ("data.root", "data.val_split", "trainer.limit_train_batches", "seed",
-                    "trainer.max_epochs", "data.composition"):
+        for key in (
+            "data.root",
+            "data.val_split",
+            "trainer.limit_train_batches",
+            "seed",
+            "trainer.max_epochs",
+            "data.composition",
+        ):
             assert OmegaConf.select(full[name], key) == OmegaConf.select(lora[name], key), key
