@@ -99,3 +99,19 @@ def test_the_lora_variant_shares_sft_and_changes_only_how_grpo_updates(compose_c
             "data.composition",
         ):
             assert OmegaConf.select(full[name], key) == OmegaConf.select(lora[name], key), key
+
+
+def test_the_cot_error_sweep_reuses_seed_0_and_changes_only_the_data(compose_cfg):
+    rate = "data.synthetic.generator.answer_cot_error_rate"
+    paper = compose_cfg("train", ["experiment=cpu_paper", "seed=0"])
+    stages = {n: s for n, _, s in compose_stages(paper)}
+    roots = set()
+    for job in sweep_jobs("cot_error", "0"):
+        cfg = compose_cfg("train", ["+sweeps=science_cpu_paper_cot_error", *job])
+        for name, _, stage in compose_stages(cfg):
+            validate(stage)
+            same = stage.paths.output_dir == stages[name].paths.output_dir
+            assert same == (f"{rate}=0.3" in job), (job, name)  # 0.3: cpu_paper's own stages
+            roots.add(stage.data.root)
+            assert OmegaConf.select(stage, rate) == float(job[1].split("=")[1]), (job, name)
+    assert len(roots) == 3
