@@ -22,9 +22,9 @@ from hcm.train import compose_stages
 REPO = Path(__file__).resolve().parents[1]
 
 
-def sweep_jobs(table: str, seed: str) -> list[list[str]]:
+def sweep_jobs(sweep_name: str, seed: str) -> list[list[str]]:
     """Each job of one seed, its overrides as Hydra's basic sweeper expands the sweep's params."""
-    sweep = OmegaConf.load(REPO / "sweeps" / f"science_cpu_paper_{table}.yaml")
+    sweep = OmegaConf.load(REPO / "sweeps" / f"{sweep_name}.yaml")
     params = sweep.hydra.sweeper.params
     axes = [
         [f"{key}={v}" for v in str(values).split(",") if key != "seed" or v == seed]
@@ -39,7 +39,7 @@ def test_tables_5_6_7_compose_and_share_their_stages(compose_cfg):
     # and, to see that seeds share nothing, cpu_paper of seed 1
     folders: dict[tuple[int, str], dict[str, str]] = defaultdict(dict)
     tables = ("table5", "table6", "table7", "selection")
-    jobs = [(t, job) for t in tables for job in sweep_jobs(t, "0")]
+    jobs = [(t, job) for t in tables for job in sweep_jobs(f"science_cpu_paper_{t}", "0")]
     for table, job in [*jobs, ("table6", ["experiment=cpu_paper", "seed=1"])]:
         cfg = compose_cfg("train", [f"+sweeps=science_cpu_paper_{table}", *job])
         arm = " ".join(o for o in job if not o.startswith("seed="))
@@ -75,10 +75,10 @@ def test_tables_5_6_7_compose_and_share_their_stages(compose_cfg):
 
 
 def test_the_lora_variant_shares_sft_and_changes_only_how_grpo_updates(compose_cfg):
-    stages = {}
-    for experiment in ("cpu_paper", "cpu_paper_lora"):
-        cfg = compose_cfg("train", [f"experiment={experiment}", "seed=1"])
-        stages[experiment] = {name: stage for name, _, stage in compose_stages(cfg)}
+    stages = {}  # sweeps/lora_cpu_paper.yaml's two jobs of a seed
+    for job in sweep_jobs("lora_cpu_paper", "1"):
+        cfg = compose_cfg("train", ["+sweeps=lora_cpu_paper", *job])
+        stages[job[0].split("=")[1]] = {name: stage for name, _, stage in compose_stages(cfg)}
     full, lora = stages["cpu_paper"], stages["cpu_paper_lora"]
     assert full.keys() == lora.keys()
     for name in ("sft_1_1", "sft_1_2", "sft_eval"):
@@ -106,7 +106,7 @@ def test_the_cot_error_sweep_reuses_seed_0_and_changes_only_the_data(compose_cfg
     paper = compose_cfg("train", ["experiment=cpu_paper", "seed=0"])
     stages = {n: s for n, _, s in compose_stages(paper)}
     roots = set()
-    for job in sweep_jobs("cot_error", "0"):
+    for job in sweep_jobs("science_cpu_paper_cot_error", "0"):
         cfg = compose_cfg("train", ["+sweeps=science_cpu_paper_cot_error", *job])
         for name, _, stage in compose_stages(cfg):
             validate(stage)
