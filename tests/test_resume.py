@@ -200,19 +200,31 @@ LONGER_ARM = [
 ]
 
 
+# The same arm drawing twice the prompts a step and training on those in a difficulty band (the
+# selection sweep's online arms): its epochs take half the steps, the epochs it continues did not.
+BAND_ARM = [
+    o.replace("'data.composition=all_plus_hard'", "'data.composition=all_plus_hard',"
+              "'module.difficulty_band={low:0.0,high:1.0,oversample:2}'")
+    for o in LONGER_ARM
+]
+
+
 @pytest.mark.slow
-def test_a_continued_arm_steps_at_its_own_schedule_from_its_first_step(tmp_path):
+@pytest.mark.parametrize("pipeline", [LONGER_ARM, BAND_ARM], ids=["longer", "band"])
+def test_a_continued_arm_steps_at_its_own_schedule_from_its_first_step(tmp_path, pipeline):
     """The arm resumes the shared stage's checkpoint, whose optimizer holds the LR of the shared
-    stage's schedule (fewer total steps); the arm's first step must already take its own."""
+    stage's schedule (other total steps); the arm's first step must already take its own, and
+    the epochs it continues count as they ran (a band arm once counted them at its own batch
+    size: fewer steps than had run, so its schedule had ended and its LR was 0)."""
     site = tmp_path / "site"
     site.mkdir()
     run = tmp_path / "run"
-    r = train_cli(run, site, pipeline=LONGER_ARM)
+    r = train_cli(run, site, pipeline=pipeline)
     assert r.returncode == 0, r.stderr[-3000:]
     lrs = {s: float(v) for (s, k), v in logged(run / "stages" / "arm").items() if k == "train/lr"}
     first, total = min(lrs), max(lrs) + 1  # the arm continues at the switch, to its own end
     shared = len({s for s, k in logged(run / "stages" / "grpo") if k == "train/lr"})
-    assert first == shared and total > 2 * shared  # its hard-case epoch is the longer one
+    assert first == shared and total > (2 if pipeline is LONGER_ARM else 1) * shared
     want = {s: 1e-4 * warmup_cosine(s, total, 0, 0.0) for s in lrs}  # tiny_grpo: lr 1e-4, cosine
     assert lrs == pytest.approx(want)
 

@@ -127,6 +127,7 @@ class GRPOModule(ScreeningModule):
         self.fast = dict(fast)  # speed-ups that keep the plain path's numbers; off by default
         self.stop_at_switch = stop_at_switch
         self.ref_model: Any = None
+        self._rollouts_before_epoch: int | None = None  # total_steps; set when training starts
 
     def configure_model(self) -> None:
         if self.model is not None:
@@ -165,14 +166,33 @@ class GRPOModule(ScreeningModule):
 
     def total_steps(self) -> int:
         """Rollouts of the whole fit (the schedule steps once per rollout). Epochs after
-        switch_epoch are longer (all_plus_hard), which Lightning's estimate misses."""
+        switch_epoch are longer (all_plus_hard), which Lightning's estimate misses. The epochs
+        before the current one count as they ran: a stage continuing another's checkpoint may
+        draw more prompts a step (data.oversample) than the epochs it continues did."""
         trainer = self.trainer
         if trainer.max_epochs in (None, -1):  # iteration-based: max_steps alone decides
             return -(-trainer.max_steps // self.num_iterations)
         per_epoch = trainer.datamodule.batches_per_epoch(trainer.max_epochs)
-        return scheduled_steps(
-            per_epoch, trainer.limit_train_batches, trainer.max_steps, self.num_iterations
-        )
+        ran, epoch = self._rollouts_before_epoch, trainer.current_epoch
+        if ran is None:
+            ran, epoch = 0, 0
+        total = ran + scheduled_steps(per_epoch[epoch:], trainer.limit_train_batches)
+        if trainer.max_steps is not None and trainer.max_steps >= 0:
+            total = min(total, -(-trainer.max_steps // self.num_iterations))
+        return total
+
+    def _count_rollouts_before_epoch(self) -> None:
+        """The rollouts of the epochs before the current one: the schedule's steps so far, less
+        the batches this epoch has already run (a resume in its middle). Lightning resets its
+        batch count only once the epoch runs; until then, after a finished epoch (its last
+        batch drawn), the count is that epoch's."""
+        progress = self.trainer.fit_loop.epoch_loop.batch_progress
+        in_epoch = 0 if progress.is_last_batch else progress.current.ready
+        self._rollouts_before_epoch = self.lr_schedulers().last_epoch - in_epoch
+
+    def on_train_epoch_start(self) -> None:
+        super().on_train_epoch_start()
+        self._count_rollouts_before_epoch()
 
     # -- hard-case mining ------------------------------------------------------------------------
     def on_fit_start(self) -> None:
@@ -203,6 +223,7 @@ class GRPOModule(ScreeningModule):
         return answer
 
     def on_train_start(self) -> None:
+        self._count_rollouts_before_epoch()  # before the LR is set from this stage's schedule
         super().on_train_start()
         # A shared first stage that died after its switch-epoch checkpoint (while exporting, say)
         # resumes at the switch: its epochs are done, and it must not train one more.
