@@ -203,8 +203,10 @@ LONGER_ARM = [
 # The same arm drawing twice the prompts a step and training on those in a difficulty band (the
 # selection sweep's online arms): its epochs take half the steps, the epochs it continues did not.
 BAND_ARM = [
-    o.replace("'data.composition=all_plus_hard'", "'data.composition=all_plus_hard',"
-              "'module.difficulty_band={low:0.0,high:1.0,oversample:2}'")
+    o.replace(
+        "'data.composition=all_plus_hard'",
+        "'data.composition=all_plus_hard','module.difficulty_band={low:0.0,high:1.0,oversample:2}'",
+    )
     for o in LONGER_ARM
 ]
 
