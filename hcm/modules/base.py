@@ -44,17 +44,24 @@ def warmup_cosine(step: int, total: int, warmup: int, min_ratio: float) -> float
 
 
 def scheduled_steps(
-    batches_per_epoch: list[int], limit: int | float, max_steps: int = -1, steps_per_batch: int = 1
+    batches_per_epoch: list[int],
+    limit: int | float,
+    max_steps: int = -1,
+    steps_per_batch: int = 1,
+    ran: int = 0,
 ) -> int:
-    """Batches a fit trains on: each epoch's cut by Lightning's `limit_train_batches` (an int: at
-    most that many; a float: that fraction), the whole capped by `max_steps` optimizer steps
+    """Batches a fit trains on: `ran` already run in earlier epochs (counted as they ran), then
+    each of `batches_per_epoch` cut by Lightning's `limit_train_batches` (an int: at most that
+    many; a float: that fraction), the whole capped by `max_steps` optimizer steps
     (`steps_per_batch` of them per batch; -1 or None: no cap).
 
     >>> scheduled_steps([12, 18], limit=4), scheduled_steps([12, 18], 0.5, max_steps=14)
     (8, 14)
+    >>> scheduled_steps([18], limit=4, ran=12)
+    16
     """
     cut = (lambda n: min(n, limit)) if isinstance(limit, int) else (lambda n: int(n * limit))
-    total = sum(cut(n) for n in batches_per_epoch)
+    total = ran + sum(cut(n) for n in batches_per_epoch)
     if max_steps is not None and max_steps >= 0:
         total = min(total, -(-max_steps // steps_per_batch))
     return total

@@ -176,10 +176,13 @@ class GRPOModule(ScreeningModule):
         ran, epoch = self._rollouts_before_epoch, trainer.current_epoch
         if ran is None:
             ran, epoch = 0, 0
-        total = ran + scheduled_steps(per_epoch[epoch:], trainer.limit_train_batches)
-        if trainer.max_steps is not None and trainer.max_steps >= 0:
-            total = min(total, -(-trainer.max_steps // self.num_iterations))
-        return total
+        return scheduled_steps(
+            per_epoch[epoch:],
+            trainer.limit_train_batches,
+            trainer.max_steps,
+            self.num_iterations,
+            ran=ran,
+        )
 
     def _count_rollouts_before_epoch(self) -> None:
         """The rollouts of the epochs before the current one: the schedule's steps so far, less
